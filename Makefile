@@ -1,0 +1,35 @@
+# Everything a fresh machine needs is installed from here: `make test` builds its own venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+STAMP := $(VENV)/.installed
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+
+PACKAGES := libs/esper-core
+TESTS := libs/esper-core/tests
+
+.PHONY: dev test lint bench clean
+
+$(STAMP): constraints.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt $(foreach p,$(PACKAGES),-e "$(p)[dev]")
+	touch $(STAMP)
+
+dev: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check libs benchmarks
+	$(BIN)/ruff format --check libs benchmarks
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,129 @@
+"""Instantiate a blueprint for a host signature, initialised function-preserving."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from esper.blueprints.modules import ChannelScale, GatedLinearUnit, Residual, SqueezeExcite
+from esper.blueprints.sizes import eval_size
+from esper.blueprints.spec import (
+    ActOp,
+    BlueprintSpec,
+    ConvOp,
+    DepthwiseOp,
+    GLUOp,
+    HostProjOp,
+    NormOp,
+    OpSpec,
+    ProjectOp,
+    ResidualOp,
+    ScaleOp,
+    SqueezeExciteOp,
+)
+from esper.exceptions import BlueprintHostError
+from esper.signature import HostSignature
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+}
+
+
+class _Builder:
+    def __init__(self, spec: BlueprintSpec, host: HostSignature) -> None:
+        if host.kind not in spec.hosts:
+            raise BlueprintHostError(
+                f"blueprint {spec.name!r} serves {'/'.join(spec.hosts)} hosts, not {host.kind}"
+            )
+        self.spec, self.host = spec, host
+        self.conv = host.kind == "conv2d"
+        self.env = {"in": float(host.in_features), "out": float(host.out_features), **spec.params}
+
+    def build(self) -> nn.Sequential:
+        width, layers = self.sequence(self.spec.body, self.host.in_features, "body")
+        if width != self.host.out_features:
+            raise BlueprintHostError(
+                f"blueprint {self.spec.name!r} ends at width {width}, but the host outputs "
+                f"{self.host.out_features}"
+            )
+        return nn.Sequential(*layers)
+
+    def sequence(self, ops: list[OpSpec], width: int, path: str) -> tuple[int, list[nn.Module]]:
+        layers = []
+        for index, op in enumerate(ops):
+            width, module = self.op(op, width, f"{path}[{index}] ({op.op})")
+            layers.append(module)
+        return width, layers
+
+    def size(self, value: int | str, where: str) -> int:
+        size = eval_size(value, self.env)
+        if size > 1 << 16:
+            raise BlueprintHostError(f"{where}: size {value!r} = {size} is implausibly large")
+        return size
+
+    def op(self, op: OpSpec, width: int, where: str) -> tuple[int, nn.Module]:
+        h = self.host
+        if isinstance(op, ProjectOp):  # HostProjOp too
+            out = self.size(op.out, where)
+            if not self.conv:
+                return out, nn.Linear(width, out, bias=op.bias)
+            if isinstance(op, HostProjOp):
+                return out, nn.Conv2d(
+                    width, out, h.kernel_size, h.stride, h.padding, h.dilation, bias=op.bias
+                )
+            return out, nn.Conv2d(width, out, 1, bias=op.bias)
+        if isinstance(op, ConvOp | DepthwiseOp):
+            out = width if isinstance(op, DepthwiseOp) else self.size(op.out, where)
+            groups = width if isinstance(op, DepthwiseOp) else self.size(op.groups, where)
+            if width % groups or out % groups:
+                raise BlueprintHostError(
+                    f"{where}: groups={groups} must divide in width {width} and out width {out}"
+                )
+            if op.kernel == "host":
+                geometry = dict(
+                    kernel_size=h.kernel_size, stride=h.stride, padding=h.padding,
+                    dilation=h.dilation,
+                )
+            else:
+                geometry = dict(kernel_size=op.kernel, padding=op.kernel // 2)
+            return out, nn.Conv2d(width, out, groups=groups, bias=op.bias, **geometry)  # type: ignore[arg-type]
+        if isinstance(op, NormOp):
+            if self.conv:
+                return width, nn.GroupNorm(math.gcd(op.groups, width), width)
+            return width, nn.LayerNorm(width)
+        if isinstance(op, ActOp):
+            return width, _ACTIVATIONS[op.fn]()
+        if isinstance(op, GLUOp):
+            out = self.size(op.out, where)
+            proj = nn.Conv2d(width, 2 * out, 1, bias=op.bias) if self.conv else nn.Linear(
+                width, 2 * out, bias=op.bias
+            )
+            return out, GatedLinearUnit(proj, channel_dim=1 if self.conv else -1)
+        if isinstance(op, SqueezeExciteOp):
+            return width, SqueezeExcite(width, max(1, int(width * op.ratio)), spatial=self.conv)
+        if isinstance(op, ScaleOp):
+            return width, ChannelScale(width, op.init, spatial=self.conv)
+        if isinstance(op, ResidualOp):
+            inner, layers = self.sequence(op.body, width, where)
+            if inner != width:
+                raise BlueprintHostError(f"{where}: the body maps width {width} to {inner}")
+            return width, Residual(nn.Sequential(*layers))
+        raise BlueprintHostError(f"{where}: unknown op")  # unreachable: the spec is validated
+
+
+def instantiate(spec: BlueprintSpec, host: HostSignature, seed: int = 0) -> nn.Sequential:
+    """Build the seed network; its last parametric op starts at zero so that the seed's output
+    is zero at germination (an `add` seed is then function-preserving at any α)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = _Builder(spec, host).build()
+    for layer in reversed(list(module)):
+        params = list(layer.parameters())
+        if params:
+            with torch.no_grad():
+                for p in params:
+                    p.zero_()
+            break
+    return module

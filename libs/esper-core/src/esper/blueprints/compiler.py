@@ -1,0 +1,111 @@
+"""Blueprint + host signature → a validated, measured kernel artifact."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from esper.blueprints.builder import instantiate
+from esper.blueprints.library import get_blueprint
+from esper.blueprints.spec import BlueprintSpec
+from esper.exceptions import CompileError, EsperError
+from esper.kernels.artifact import KernelArtifact, KernelFormat, KernelMeta, digest_of, kernel_id_for
+from esper.kernels.executor import deserialize, example_input, serialize
+from esper.signature import HostSignature
+
+COMPILER_VERSION = 1
+LATENCY_RUNS = 15
+
+
+def compile_kernel_id(spec: BlueprintSpec, host: HostSignature, fmt: KernelFormat) -> str:
+    return kernel_id_for(
+        {
+            "compiler": COMPILER_VERSION,
+            "torch": torch.__version__.split("+")[0],
+            "blueprint": spec.model_dump(mode="json"),
+            "host": host.model_dump(mode="json"),
+            "format": fmt,
+        }
+    )
+
+
+def compile_blueprint(
+    blueprint: BlueprintSpec | str,
+    host: HostSignature | nn.Module,
+    fmt: KernelFormat = "export",
+    *,
+    signing_key: bytes | None = None,
+) -> KernelArtifact:
+    """Instantiate, initialise function-preserving, serialize, reload and validate, measure."""
+    spec = get_blueprint(blueprint) if isinstance(blueprint, str) else blueprint
+    signature = host if isinstance(host, HostSignature) else HostSignature.of(host)
+    if fmt not in ("export", "torchscript"):
+        raise CompileError(f"unknown kernel format {fmt!r}; use 'export' or 'torchscript'")
+    kernel_id = compile_kernel_id(spec, signature, fmt)
+    where = f"blueprint {spec.name!r} for {signature.kind} {signature.in_features}→{signature.out_features}"
+
+    module = instantiate(spec, signature, seed=int(kernel_id[4:12], 16))
+    example = example_input(signature)
+    expected_shape = signature.output_shape(tuple(example.shape))
+    with torch.no_grad():
+        out = module(example)
+    if tuple(out.shape) != expected_shape:
+        raise CompileError(f"{where}: output shape {tuple(out.shape)}, host gives {expected_shape}")
+    if torch.count_nonzero(out).item() != 0:
+        raise CompileError(f"{where}: not function-preserving (its output is not zero at init)")
+
+    try:
+        data = serialize(module, signature, fmt)
+    except EsperError:
+        raise
+    except Exception as err:
+        raise CompileError(f"{where}: {fmt} failed: {type(err).__name__}: {str(err)[:300]}") from None
+
+    meta = KernelMeta(
+        kernel_id=kernel_id,
+        name=spec.name,
+        format=fmt,
+        host=signature,
+        digest=digest_of(data),
+        size_bytes=len(data),
+        blueprint=spec.name,
+        blueprint_version=spec.version,
+        default_blend=spec.default_blend,
+        params=sum(p.numel() for p in module.parameters()),
+        flops=_flops_per_sample(module, example),
+    )
+    artifact = KernelArtifact(meta, data)
+    meta.latency_us = _validate_and_time(artifact, signature, where)
+    return artifact.signed(signing_key) if signing_key else artifact
+
+
+def _flops_per_sample(module: nn.Module, example: torch.Tensor) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(example)
+    return int(counter.get_total_flops() // example.shape[0])
+
+
+def _validate_and_time(artifact: KernelArtifact, host: HostSignature, where: str) -> float:
+    """Reload the bytes, run them at another batch size (and spatial size), time the forward."""
+    loaded = deserialize(artifact)
+    probe = host.probe_input(batch=3)
+    with torch.no_grad():
+        try:
+            out = loaded(probe)
+        except Exception as err:
+            raise CompileError(f"{where}: reloaded kernel fails on {tuple(probe.shape)}: {err}") from None
+        if tuple(out.shape) != host.output_shape(tuple(probe.shape)):
+            raise CompileError(f"{where}: reloaded kernel gives shape {tuple(out.shape)}")
+        if not all(p.requires_grad for p in loaded.parameters()):
+            raise CompileError(f"{where}: reloaded kernel has frozen parameters")
+        times = []
+        for _ in range(LATENCY_RUNS):
+            start = time.perf_counter()
+            loaded(probe)
+            times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1e6, 1)

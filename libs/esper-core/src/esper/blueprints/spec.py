@@ -1,0 +1,211 @@
+"""The blueprint language: a validated spec of a small network, as data.
+
+Sizes (`out`, `groups`) are ints or expressions over `in`, `out` (the host's features or
+channels) and the blueprint's `params`, e.g. `"max(8, out/4)"`. Ops that carry the host's geometry
+(`host_proj`, and `conv`/`depthwise` with `kernel: "host"`) apply the host's kernel size, stride,
+padding and dilation, so the seed's output has the host's spatial shape; a conv blueprint has
+exactly one of them at top level. There is no dropout: an exported kernel would bake its mode in.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from esper.blueprints.sizes import parse_size
+from esper.exceptions import BlueprintSpecError
+
+Size = int | str
+HostKind = Literal["linear", "conv2d"]
+RESERVED_NAMES = {"in", "out", "min", "max"}
+MAX_OPS = 32
+
+
+class _Op(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def sizes(self) -> list[Size]:
+        return []
+
+    @property
+    def carries_geometry(self) -> bool:
+        return False
+
+    @property
+    def conv_only(self) -> bool:
+        return False
+
+
+class ProjectOp(_Op):
+    """Linear on a linear host, 1×1 convolution on a conv host."""
+
+    op: Literal["project"] = "project"
+    out: Size
+    bias: bool = True
+
+    def sizes(self) -> list[Size]:
+        return [self.out]
+
+
+class HostProjOp(ProjectOp):
+    """A projection with the host's own geometry (Linear, or the host's conv kernel/stride/…)."""
+
+    op: Literal["host_proj"] = "host_proj"  # type: ignore[assignment]
+
+    @property
+    def carries_geometry(self) -> bool:
+        return True
+
+
+class _KernelOp(_Op):
+    kernel: int | Literal["host"] = 3
+
+    @property
+    def carries_geometry(self) -> bool:
+        return self.kernel == "host"
+
+    @property
+    def conv_only(self) -> bool:
+        return True
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and (v < 1 or v % 2 == 0):
+            raise ValueError("kernel must be odd and ≥ 1 (same padding), or 'host'")
+        return v
+
+
+class ConvOp(_KernelOp):
+    op: Literal["conv"] = "conv"
+    out: Size
+    groups: Size = 1
+    bias: bool = True
+
+    def sizes(self) -> list[Size]:
+        return [self.out, self.groups]
+
+
+class DepthwiseOp(_KernelOp):
+    op: Literal["depthwise"] = "depthwise"
+    bias: bool = True
+
+
+class NormOp(_Op):
+    """GroupNorm on conv hosts (no running statistics to drift while α ramps), LayerNorm on linear."""
+
+    op: Literal["norm"] = "norm"
+    groups: int = Field(default=8, ge=1)
+
+
+class ActOp(_Op):
+    op: Literal["act"] = "act"
+    fn: Literal["relu", "gelu", "silu", "tanh", "sigmoid"] = "relu"
+
+
+class GLUOp(_Op):
+    """out = a ⊙ σ(b) with [a, b] one projection of width 2·out."""
+
+    op: Literal["glu"] = "glu"
+    out: Size
+    bias: bool = True
+
+    def sizes(self) -> list[Size]:
+        return [self.out]
+
+
+class SqueezeExciteOp(_Op):
+    """x ⊙ σ(W₂ relu(W₁ pool(x))), hidden width max(1, ratio·width)."""
+
+    op: Literal["squeeze_excite"] = "squeeze_excite"
+    ratio: float = Field(default=0.25, gt=0, le=1)
+
+
+class ScaleOp(_Op):
+    """A learnable per-channel scale."""
+
+    op: Literal["scale"] = "scale"
+    init: float = 1.0
+
+
+class ResidualOp(_Op):
+    """x + body(x); the body keeps the width and carries no host geometry."""
+
+    op: Literal["residual"] = "residual"
+    body: list[OpSpec] = Field(min_length=1)
+
+    def sizes(self) -> list[Size]:
+        return [s for op in self.body for s in op.sizes()]
+
+    @property
+    def conv_only(self) -> bool:
+        return any(op.conv_only for op in self.body)
+
+
+OpSpec = Annotated[
+    ProjectOp | HostProjOp | ConvOp | DepthwiseOp | NormOp | ActOp | GLUOp | SqueezeExciteOp
+    | ScaleOp | ResidualOp,
+    Field(discriminator="op"),
+]
+ResidualOp.model_rebuild()
+
+
+def _count(ops: list[OpSpec]) -> int:
+    return sum(1 + (_count(op.body) if isinstance(op, ResidualOp) else 0) for op in ops)
+
+
+class BlueprintSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{1,63}$")
+    version: int = Field(default=1, ge=1)
+    description: str = Field(default="", max_length=500)
+    hosts: list[HostKind] = Field(min_length=1)
+    default_blend: Literal["add", "lerp"] = "add"
+    params: dict[str, float] = Field(default_factory=dict)
+    body: list[OpSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _validate(self) -> BlueprintSpec:
+        for pname in self.params:
+            if not re.fullmatch(r"[a-z_][a-z0-9_]*", pname) or pname in RESERVED_NAMES:
+                raise ValueError(f"param name {pname!r} is not an identifier or is reserved")
+        if len(set(self.hosts)) != len(self.hosts):
+            raise ValueError("hosts lists a kind twice")
+        if _count(self.body) > MAX_OPS:
+            raise ValueError(f"more than {MAX_OPS} ops")
+        names = {"in", "out", *self.params}
+        for index, op in enumerate(self.body):
+            where = f"body[{index}] ({op.op})"
+            for size in op.sizes():
+                try:
+                    parse_size(size, names)
+                except BlueprintSpecError as err:
+                    raise ValueError(f"{where}: {err}") from None
+            if op.conv_only and "linear" in self.hosts:
+                raise ValueError(f"{where} needs a conv2d host but hosts include 'linear'")
+            if isinstance(op, ResidualOp) and any(o.carries_geometry for o in op.body):
+                raise ValueError(f"{where}: a residual body cannot carry the host's geometry")
+        if "conv2d" in self.hosts:
+            geometry = [i for i, op in enumerate(self.body) if op.carries_geometry]
+            if len(geometry) != 1:
+                raise ValueError(
+                    "a conv2d blueprint needs exactly one top-level op with the host's geometry "
+                    f"(host_proj, or conv/depthwise with kernel 'host'); found {len(geometry)}"
+                )
+        return self
+
+    @classmethod
+    def parse(cls, data: object) -> BlueprintSpec:
+        """Validate a dict (or JSON text) into a spec, raising BlueprintSpecError with the path."""
+        try:
+            if isinstance(data, str | bytes):
+                return cls.model_validate_json(data)
+            return cls.model_validate(data)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(spec)'}: {e['msg']}" for e in err.errors()
+            )
+            raise BlueprintSpecError(f"invalid blueprint spec: {problems}") from None

@@ -1,0 +1,139 @@
+"""Every error Esper raises on purpose.
+
+    EsperError
+    ├── ConfigError                  bad argument value (blend mode, ramp length, …)   (ValueError)
+    ├── UnknownLayerError            no wrapped layer of that name                      (LookupError)
+    ├── UnsupportedHostError         a module Kasmina cannot wrap                       (TypeError)
+    ├── SeedIndexError               seed index outside [0, seeds_per_layer)            (IndexError)
+    ├── SeedStateError               the seed is not in a state that allows the call
+    │   └── IllegalTransitionError   a lifecycle edge that does not exist
+    ├── AlphaError                                                                      (ValueError)
+    │   ├── AlphaRangeError          α outside [0, 1]
+    │   └── LerpBudgetError          Σ α of lerp seeds would exceed 1
+    ├── BlueprintError
+    │   ├── BlueprintSpecError       the spec itself is invalid                         (ValueError)
+    │   ├── UnknownBlueprintError    no blueprint of that name                          (LookupError)
+    │   └── BlueprintHostError       the blueprint cannot serve this host signature
+    ├── CompileError                 instantiate / export / validate failed
+    └── KernelError
+        ├── UnknownKernelError       no kernel of that id or name                       (LookupError)
+        ├── KernelFetchError         a cache tier failed to deliver
+        ├── KernelMismatchError      the kernel's output does not fit the host
+        │   ├── KernelShapeError
+        │   └── KernelDtypeError
+        └── ArtifactError            the artifact bytes cannot be trusted or read
+            ├── CorruptArtifactError
+            ├── DigestMismatchError
+            └── SignatureMismatchError
+
+Every message names the thing it is about (layer, seed index, kernel id, blueprint, op).
+"""
+
+from __future__ import annotations
+
+
+class EsperError(Exception):
+    """Base of every error Esper raises on purpose."""
+
+
+class ConfigError(EsperError, ValueError):
+    """An argument has a value the call cannot accept."""
+
+
+class UnknownLayerError(EsperError, LookupError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        shown = ", ".join(known[:12]) + (" …" if len(known) > 12 else "")
+        super().__init__(f"unknown layer {name!r}; wrapped layers: {shown or '(none)'}")
+        self.name = name
+
+
+class UnsupportedHostError(EsperError, TypeError):
+    """Kasmina wraps nn.Linear and nn.Conv2d only."""
+
+
+class SeedIndexError(EsperError, IndexError):
+    def __init__(self, layer: str, index: int, num_seeds: int) -> None:
+        super().__init__(
+            f"seed index {index} is out of range for layer {layer!r}, "
+            f"which has {num_seeds} seeds (0..{num_seeds - 1})"
+        )
+
+
+class SeedStateError(EsperError):
+    """The seed is in a state that does not allow the call."""
+
+
+class IllegalTransitionError(SeedStateError):
+    pass
+
+
+class AlphaError(EsperError, ValueError):
+    pass
+
+
+class AlphaRangeError(AlphaError):
+    pass
+
+
+class LerpBudgetError(AlphaError):
+    pass
+
+
+class BlueprintError(EsperError):
+    pass
+
+
+class BlueprintSpecError(BlueprintError, ValueError):
+    pass
+
+
+class UnknownBlueprintError(BlueprintError, LookupError):
+    pass
+
+
+class BlueprintHostError(BlueprintError):
+    pass
+
+
+class CompileError(EsperError):
+    pass
+
+
+class KernelError(EsperError):
+    pass
+
+
+class UnknownKernelError(KernelError, LookupError):
+    pass
+
+
+class KernelFetchError(KernelError):
+    pass
+
+
+class KernelMismatchError(KernelError):
+    pass
+
+
+class KernelShapeError(KernelMismatchError):
+    pass
+
+
+class KernelDtypeError(KernelMismatchError):
+    pass
+
+
+class ArtifactError(KernelError):
+    pass
+
+
+class CorruptArtifactError(ArtifactError):
+    pass
+
+
+class DigestMismatchError(ArtifactError):
+    pass
+
+
+class SignatureMismatchError(ArtifactError):
+    pass

@@ -1,0 +1,78 @@
+"""The seed lifecycle: legal edges, the one writer of seed state, and the events it emits."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from esper.exceptions import IllegalTransitionError
+from esper.kasmina.state import SeedState, StateLayout
+
+log = logging.getLogger(__name__)
+
+S = SeedState
+LEGAL_TRANSITIONS: dict[SeedState, frozenset[SeedState]] = {
+    S.DORMANT: frozenset({S.ALLOCATED}),
+    S.ALLOCATED: frozenset({S.LOADING, S.DORMANT}),  # → DORMANT: allocation abandoned
+    S.LOADING: frozenset({S.ACTIVE, S.DORMANT}),  # → DORMANT: load failed
+    S.ACTIVE: frozenset({S.RETIRING}),  # errors, NaN, poor contribution, or asked to
+    S.RETIRING: frozenset({S.RECYCLING}),
+    S.RECYCLING: frozenset({S.DORMANT}),
+}
+
+
+@dataclass(frozen=True)
+class LifecycleEvent:
+    """One seed transition; the bus publishes these as `seed.transition` events."""
+
+    layer: str
+    seed: int
+    from_state: SeedState
+    to_state: SeedState
+    reason: str
+    kernel_id: str | None
+    ts: float = field(default_factory=time.time)
+
+
+Listener = Callable[[LifecycleEvent], None]
+
+
+class LifecycleManager:
+    """Validates and applies every state change of one layer's seeds, and reports each one."""
+
+    def __init__(self, layer_name: str, layout: StateLayout, mirror: list[SeedState]) -> None:
+        self.layer_name = layer_name
+        self._layout = layout
+        self._mirror = mirror  # the Python-side copy that forward reads
+        self.listeners: list[Listener] = []
+
+    def state(self, seed: int) -> SeedState:
+        return self._mirror[seed]
+
+    def check(self, seed: int, to_state: SeedState) -> None:
+        current = self._mirror[seed]
+        if to_state not in LEGAL_TRANSITIONS[current]:
+            allowed = ", ".join(s.name for s in sorted(LEGAL_TRANSITIONS[current]))
+            raise IllegalTransitionError(
+                f"seed {seed} of layer {self.layer_name!r}: {current.name} → {to_state.name} "
+                f"is not a lifecycle edge (from {current.name}: {allowed})"
+            )
+
+    def transition(
+        self, seed: int, to_state: SeedState, reason: str, kernel_id: str | None = None
+    ) -> LifecycleEvent:
+        self.check(seed, to_state)
+        from_state = self._mirror[seed]
+        self._mirror[seed] = to_state
+        # Plain index writes: a host-to-device copy on CUDA, never a sync.
+        self._layout.state[seed] = int(to_state)
+        self._layout.steps_in_state[seed] = 0
+        event = LifecycleEvent(self.layer_name, seed, from_state, to_state, reason, kernel_id)
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not break training
+                log.exception("lifecycle listener failed on %s", event)
+        return event

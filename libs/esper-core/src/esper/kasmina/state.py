@@ -1,0 +1,53 @@
+"""Seed states, blend modes and the per-layer StateLayout (structure of arrays)."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+from torch import nn
+
+
+class SeedState(enum.IntEnum):
+    DORMANT = 0
+    ALLOCATED = 1
+    LOADING = 2
+    ACTIVE = 3
+    RETIRING = 4
+    RECYCLING = 5
+
+
+# A seed in one of these states runs in forward; every other state takes the dormant fast path.
+RUNNING_STATES = frozenset({SeedState.ACTIVE, SeedState.RETIRING})
+
+
+class BlendMode(enum.StrEnum):
+    ADD = "add"  # grows capacity; function-preserving at α = 0
+    LERP = "lerp"  # replaces the host's computation by the kernel's as α → 1
+
+
+class StateLayout(nn.Module):
+    """Per-seed numeric state of one layer as registered buffers, so `.to()` and checkpoints carry it.
+
+    The buffers are written only through LifecycleManager / KasminaLayer. Forward never reads them
+    to decide what runs (that would need a host-device sync); the Python mirrors in KasminaLayer do.
+    `contribution` is NaN until measured: missing must read as missing, never as zero.
+    """
+
+    state: torch.Tensor
+    alpha: torch.Tensor
+    steps_in_state: torch.Tensor
+    error_count: torch.Tensor
+    contribution: torch.Tensor
+
+    def __init__(self, num_seeds: int) -> None:
+        super().__init__()
+        self.num_seeds = num_seeds
+        self.register_buffer("state", torch.zeros(num_seeds, dtype=torch.int8))
+        self.register_buffer("alpha", torch.zeros(num_seeds, dtype=torch.float32))
+        self.register_buffer("steps_in_state", torch.zeros(num_seeds, dtype=torch.int64))
+        self.register_buffer("error_count", torch.zeros(num_seeds, dtype=torch.int64))
+        self.register_buffer("contribution", torch.full((num_seeds,), float("nan")))
+
+    def extra_repr(self) -> str:
+        return f"num_seeds={self.num_seeds}"

@@ -1,0 +1,86 @@
+"""Kernel artifacts: the bytes, their metadata, and the checks that come before deserializing."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from esper.exceptions import DigestMismatchError, SignatureMismatchError
+from esper.signature import HostSignature
+
+KernelFormat = Literal["export", "torchscript"]
+KERNEL_ID_RE = re.compile(r"^krn_[0-9a-f]{24}$")
+
+
+def kernel_id_for(payload: dict[str, Any]) -> str:
+    """A stable id from canonical JSON: the same compile input always names the same kernel."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return "krn_" + hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class KernelMeta(BaseModel):
+    """What a registry knows about a kernel; `digest` and `hmac_sha256` vouch for its bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kernel_id: str = Field(pattern=KERNEL_ID_RE.pattern)
+    name: str
+    format: KernelFormat
+    host: HostSignature
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+    hmac_sha256: str | None = None
+    blueprint: str | None = None
+    blueprint_version: int | None = None
+    default_blend: Literal["add", "lerp"] = "add"
+    params: int = 0
+    flops: int = 0
+    latency_us: float = 0.0
+    created_at: float = Field(default_factory=time.time)
+    lineage: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KernelArtifact:
+    meta: KernelMeta
+    data: bytes
+
+    def signed(self, key: bytes) -> KernelArtifact:
+        return KernelArtifact(self.meta.model_copy(update={"hmac_sha256": sign(self.meta, key)}), self.data)
+
+
+def _message(meta: KernelMeta) -> bytes:
+    # The signature binds the id to the digest, and the digest to the bytes.
+    return f"{meta.kernel_id}\n{meta.digest}".encode()
+
+
+def sign(meta: KernelMeta, key: bytes) -> str:
+    return hmac.new(key, _message(meta), hashlib.sha256).hexdigest()
+
+
+def verify(artifact: KernelArtifact, key: bytes | None = None) -> None:
+    """Raise unless the bytes match the digest and, when a key is given, the HMAC matches."""
+    meta = artifact.meta
+    actual = digest_of(artifact.data)
+    if actual != meta.digest or len(artifact.data) != meta.size_bytes:
+        raise DigestMismatchError(
+            f"kernel {meta.kernel_id}: artifact digest {actual} ({len(artifact.data)} bytes) does "
+            f"not match the recorded {meta.digest} ({meta.size_bytes} bytes)"
+        )
+    if key is None:
+        return
+    if not meta.hmac_sha256:
+        raise SignatureMismatchError(f"kernel {meta.kernel_id}: artifact is unsigned")
+    if not hmac.compare_digest(meta.hmac_sha256, sign(meta, key)):
+        raise SignatureMismatchError(f"kernel {meta.kernel_id}: HMAC signature does not match")

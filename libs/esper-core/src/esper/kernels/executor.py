@@ -1,0 +1,122 @@
+"""KernelExecutor: artifact bytes ⇄ trainable modules, and the checks against a host layer.
+
+torch.export is the default format: `ExportedProgram.module()` gives a trainable GraphModule that
+torch.compile traces straight through. TorchScript is kept because the original design names it;
+it is deprecated since torch 2.13 and a ScriptModule is a hard graph break under torch.compile.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from esper.exceptions import CorruptArtifactError, KernelDtypeError, KernelShapeError
+from esper.kernels.artifact import KernelArtifact, KernelFormat
+from esper.signature import HostSignature
+
+EXAMPLE_BATCH = 5  # distinct from the spatial example sizes, so export does not unify the dims
+
+
+def example_input(host: HostSignature) -> torch.Tensor:
+    if host.kind == "linear":
+        return host.probe_input(batch=EXAMPLE_BATCH)
+    hw = (host.min_extent(0) + 3, host.min_extent(1) + 5)
+    return host.probe_input(batch=EXAMPLE_BATCH, hw=hw)
+
+
+def serialize(module: nn.Module, host: HostSignature, fmt: KernelFormat) -> bytes:
+    """Export (batch, and for conv H and W, dynamic) or script `module`, and return the file bytes."""
+    module = module.train()
+    buffer = io.BytesIO()
+    if fmt == "export":
+        dims: dict[int, Any] = {0: Dim.AUTO}
+        if host.kind == "conv2d":
+            dims.update({2: Dim.AUTO, 3: Dim.AUTO})
+        program = torch.export.export(module, (example_input(host),), dynamic_shapes=(dims,))
+        torch.export.save(program, buffer)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(torch.jit.script(module), buffer)
+    return buffer.getvalue()
+
+
+def deserialize(artifact: KernelArtifact) -> nn.Module:
+    """Bytes → module on the CPU. Call only after artifact.verify(): deserializing runs a loader."""
+    meta = artifact.meta
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if meta.format == "export":
+                module: nn.Module = torch.export.load(io.BytesIO(artifact.data)).module()
+            else:
+                module = torch.jit.load(io.BytesIO(artifact.data), map_location="cpu")
+    except Exception as err:
+        raise CorruptArtifactError(
+            f"kernel {meta.kernel_id}: artifact is not a loadable {meta.format} kernel "
+            f"({type(err).__name__}: {str(err)[:200]})"
+        ) from None
+    return module  # no .train(): an exported module refuses it, and its graph has no modes
+
+
+def clone_module(template: nn.Module) -> nn.Module:
+    """A copy with its own parameters and buffers. For GraphModules this shares the generated code:
+    deepcopy would regenerate and exec it (~2 ms), far over the 1 ms attach budget."""
+    if isinstance(template, torch.jit.ScriptModule):
+        return copy.deepcopy(template)
+    clone = object.__new__(type(template))
+    state = {k: (v.copy() if isinstance(v, dict) else v) for k, v in template.__dict__.items()}
+    state["_parameters"] = {
+        k: None if p is None else nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for k, p in template._parameters.items()
+    }
+    state["_buffers"] = {
+        k: None if b is None else b.detach().clone() for k, b in template._buffers.items()
+    }
+    state["_modules"] = {
+        k: None if m is None else clone_module(m) for k, m in template._modules.items()
+    }
+    clone.__dict__ = state
+    return clone
+
+
+class KernelExecutor:
+    """Prepares a cached kernel for one host layer: its own copy, on the host's device and dtype,
+    checked by a probe forward before it may become ACTIVE."""
+
+    def prepare(
+        self, template: nn.Module, host_layer: nn.Module, kernel_id: str, layer_name: str = ""
+    ) -> nn.Module:
+        host = HostSignature.of(host_layer)
+        reference = next(host_layer.parameters(), None)
+        device = reference.device if reference is not None else torch.device("cpu")
+        dtype = reference.dtype if reference is not None else torch.float32
+        module = clone_module(template).to(device=device, dtype=dtype)
+        probe = host.probe_input(batch=3, dtype=dtype, device=device)
+        where = f"kernel {kernel_id} in layer {layer_name!r}"
+        with torch.no_grad():
+            expected = host_layer(probe)
+            try:
+                out = module(probe)
+            except Exception as err:
+                raise KernelShapeError(
+                    f"{where}: probe forward on input {tuple(probe.shape)} failed: "
+                    f"{type(err).__name__}: {str(err)[:200]}"
+                ) from None
+        if not isinstance(out, torch.Tensor) or out.shape != expected.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise KernelShapeError(
+                f"{where}: output shape {got} does not match the host's {tuple(expected.shape)} "
+                f"for input {tuple(probe.shape)}"
+            )
+        if out.dtype != expected.dtype:
+            raise KernelDtypeError(
+                f"{where}: output dtype {out.dtype} does not match the host's {expected.dtype}"
+            )
+        return module

@@ -1,0 +1,296 @@
+"""esper.wrap and MorphableModel: seed slots in the Linear and Conv2d layers of any model."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from esper._sync import run_sync
+from esper.exceptions import ConfigError, EsperError, UnknownLayerError, UnsupportedHostError
+from esper.kasmina.layer import KasminaLayer, SeedInfo
+from esper.kasmina.lifecycle import Listener
+from esper.kasmina.schedule import RampShape
+from esper.kasmina.state import BlendMode
+from esper.kernels.cache import KernelCache
+from esper.kernels.executor import KernelExecutor
+from esper.registry import default_registry
+
+HOST_TYPES = (nn.Linear, nn.Conv2d)
+
+
+class MorphableModel(nn.Module):
+    """A model whose chosen layers are KasminaLayers, keyed by their dotted `named_modules()` names.
+
+    Every seed change goes through here (or the layer's own methods) and is reported to the
+    listeners; `step()` after each optimizer step moves α ramps and trips circuit breakers.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: dict[str, KasminaLayer],
+        kernels: KernelCache,
+        executor: KernelExecutor | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.kernels = kernels
+        self.executor = executor or KernelExecutor()
+        self._layers = layers  # a plain dict: the layers are registered inside `model`
+        self._optimizers: list[tuple[torch.optim.Optimizer, dict[str, Any]]] = []
+        for layer in layers.values():
+            layer.kernel_loader = self._load_for_restore
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    # ------------------------------------------------------------- layers
+    def layer(self, name: str) -> KasminaLayer:
+        try:
+            return self._layers[name]
+        except KeyError:
+            raise UnknownLayerError(name, list(self._layers)) from None
+
+    @property
+    def layers(self) -> dict[str, KasminaLayer]:
+        return dict(self._layers)
+
+    def layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    def seeds(self, layer: str | None = None) -> list[SeedInfo]:
+        names = [layer] if layer is not None else list(self._layers)
+        return [self.layer(n).seed_info(i) for n in names for i in range(self.layer(n).num_seeds)]
+
+    def add_listener(self, listener: Listener) -> None:
+        for layer in self._layers.values():
+            layer.lifecycle.listeners.append(listener)
+
+    # -------------------------------------------------------------- seeds
+    async def load_kernel(
+        self,
+        layer: str,
+        seed_idx: int,
+        kernel_id: str,
+        *,
+        blend: BlendMode | str | None = None,
+        alpha: float = 0.0,
+        grad_isolation: bool = False,
+    ) -> SeedInfo:
+        """Fetch a kernel (an id or a tag) through the cache and make it ACTIVE in a seed slot.
+
+        The slot goes DORMANT → ALLOCATED → LOADING → ACTIVE; on any failure it returns to DORMANT
+        (an event says why) and the error is raised.
+        """
+        kl = self.layer(layer)
+        kl.check_index(seed_idx)
+        mode = None if blend is None else _blend(blend)
+        kl.check_alpha(seed_idx, alpha, mode or BlendMode.ADD)
+        kl.begin_load(seed_idx, f"load {kernel_id}")
+        try:
+            resolved = await self.kernels.resolve(kernel_id)
+            kl.mark_loading(seed_idx, resolved)
+            cached = await self.kernels.get(resolved)
+            module = self.executor.prepare(cached.template, kl.base_layer, resolved, layer)
+            mode = mode or BlendMode(cached.meta.default_blend)
+            kl.attach(seed_idx, module, blend=mode, alpha=alpha, grad_isolation=grad_isolation)
+        except BaseException as err:
+            kl.fail_load(seed_idx, f"{type(err).__name__}: {err}")
+            raise
+        self._join_optimizers(layer, seed_idx)
+        return kl.seed_info(seed_idx)
+
+    def load_kernel_sync(self, layer: str, seed_idx: int, kernel_id: str, **kw: Any) -> SeedInfo:
+        return run_sync(self.load_kernel(layer, seed_idx, kernel_id, **kw))
+
+    def set_seed_alpha(self, layer: str, seed_idx: int, alpha: float) -> None:
+        self.layer(layer).set_alpha(seed_idx, alpha)
+
+    def ramp_seed_alpha(
+        self, layer: str, seed_idx: int, target: float, steps: int, shape: RampShape = "linear"
+    ) -> None:
+        """Move α from its current value to `target` over `steps` calls of `step()`."""
+        self.layer(layer).start_ramp(seed_idx, target, steps, shape)
+
+    def retire_seed(
+        self, layer: str, seed_idx: int, *, ramp_steps: int = 0, reason: str = "retired by caller",
+        shape: RampShape = "linear",
+    ) -> None:
+        """ACTIVE → RETIRING; at once, or after α ramps down to 0 over `ramp_steps` steps."""
+        self.layer(layer).retire(seed_idx, reason, ramp_steps, shape)
+        self._leave_optimizers()
+
+    def unload_seed(self, layer: str, seed_idx: int, reason: str = "unloaded by caller") -> None:
+        self.retire_seed(layer, seed_idx, reason=reason)
+
+    def step(self) -> None:
+        """Call once per optimizer step: advances α ramps, ages seeds, polls the circuit breakers."""
+        for layer in self._layers.values():
+            layer.advance()
+            layer.poll_health()
+        self._leave_optimizers()
+
+    def record_contribution(self, layer: str, seed_idx: int, value: float) -> None:
+        kl = self.layer(layer)
+        kl.check_index(seed_idx)
+        kl.layout.contribution[seed_idx] = float(value)
+
+    @contextlib.contextmanager
+    def seed_alpha_forced(self, layer: str, seed_idx: int, alpha: float = 0.0) -> Iterator[None]:
+        """Evaluate as if the seed's α were `alpha` (the counterfactual of a contribution)."""
+        kl = self.layer(layer)
+        kl.check_index(seed_idx)
+        saved = kl.layout.alpha[seed_idx].clone()
+        kl.layout.alpha[seed_idx].fill_(alpha)
+        try:
+            yield
+        finally:
+            kl.layout.alpha[seed_idx].copy_(saved)
+
+    def measure_contribution(
+        self, layer: str, seed_idx: int, evaluate: Callable[[], float]
+    ) -> float:
+        """`evaluate()` with the seed minus with its α forced to 0 (higher metric = better)."""
+        with torch.no_grad():
+            with_seed = evaluate()
+            with self.seed_alpha_forced(layer, seed_idx, 0.0):
+                without = evaluate()
+        contribution = float(with_seed) - float(without)
+        if math.isfinite(contribution):
+            self.record_contribution(layer, seed_idx, contribution)
+        return contribution
+
+    # --------------------------------------------------------- parameters
+    def seed_parameters(self, layer: str | None = None, seed_idx: int | None = None) -> list[nn.Parameter]:
+        names = [layer] if layer is not None else list(self._layers)
+        params: list[nn.Parameter] = []
+        for name in names:
+            kl = self.layer(name)
+            seeds = [seed_idx] if seed_idx is not None else range(kl.num_seeds)
+            for i in seeds:
+                module = kl.seed_module(i)
+                if module is not None:
+                    params.extend(module.parameters())
+        return params
+
+    def host_parameters(self) -> list[nn.Parameter]:
+        seed_ids = {id(p) for p in self.seed_parameters()}
+        return [p for p in self.parameters() if id(p) not in seed_ids]
+
+    def attach_optimizer(
+        self, optimizer: torch.optim.Optimizer, *, lr: float | None = None,
+        max_grad_norm: float | None = None, **group_options: Any,
+    ) -> None:
+        """From now on every loaded seed joins `optimizer` in its own param group (own lr and
+        clipping, see clip_seed_gradients) and leaves it when retired. Seeds already loaded join now."""
+        options = {"lr": lr, "max_grad_norm": max_grad_norm, **group_options}
+        self._optimizers.append((optimizer, options))
+        for name, kl in self._layers.items():
+            for i in kl.running_seeds():
+                self._join(optimizer, options, name, i)
+
+    def _join_optimizers(self, layer: str, seed_idx: int) -> None:
+        for optimizer, options in self._optimizers:
+            self._join(optimizer, options, layer, seed_idx)
+
+    def _join(self, optimizer: torch.optim.Optimizer, options: dict[str, Any], layer: str, i: int) -> None:
+        group_name = f"seed:{layer}:{i}"
+        if any(g.get("name") == group_name for g in optimizer.param_groups):
+            return
+        group = {k: v for k, v in options.items() if v is not None and k != "max_grad_norm"}
+        group.update(params=self.seed_parameters(layer, i), name=group_name,
+                     max_grad_norm=options.get("max_grad_norm"))
+        optimizer.add_param_group(group)
+
+    def _leave_optimizers(self) -> None:
+        live = {id(p) for p in self.seed_parameters()}
+        for optimizer, _ in self._optimizers:
+            for group in list(optimizer.param_groups):
+                name = str(group.get("name", ""))
+                if name.startswith("seed:") and not any(id(p) in live for p in group["params"]):
+                    optimizer.param_groups.remove(group)
+                    for p in group["params"]:
+                        optimizer.state.pop(p, None)
+
+    def clip_seed_gradients(self) -> None:
+        """Clip each seed group by its own max_grad_norm, so one diverging seed cannot scale the
+        host's gradients through a global norm."""
+        for optimizer, _ in self._optimizers:
+            for group in optimizer.param_groups:
+                if str(group.get("name", "")).startswith("seed:") and group.get("max_grad_norm"):
+                    nn.utils.clip_grad_norm_(group["params"], group["max_grad_norm"])
+
+    # -------------------------------------------------------- checkpoints
+    def _load_for_restore(self, kernel_id: str, kl: KasminaLayer) -> nn.Module:
+        cached = self.kernels.get_sync(kernel_id)
+        return self.executor.prepare(cached.template, kl.base_layer, kernel_id, kl.layer_name)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Restores seeds too: each layer re-resolves its kernels by id through the cache, then the
+        trained seed parameters, α and the layout are loaded over them."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._leave_optimizers()
+        for name, kl in self._layers.items():
+            for i in kl.running_seeds():
+                self._join_optimizers(name, i)
+        return result
+
+
+def _blend(value: BlendMode | str) -> BlendMode:
+    try:
+        return BlendMode(value)
+    except ValueError:
+        raise ConfigError(f"blend mode {value!r} is not 'add' or 'lerp'") from None
+
+
+def wrap(
+    model: nn.Module,
+    seeds_per_layer: int = 4,
+    *,
+    layers: Iterable[str] | None = None,
+    kernels: KernelCache | None = None,
+    guard_nonfinite: bool = True,
+    error_threshold: int = 3,
+) -> MorphableModel:
+    """Replace the model's nn.Linear and nn.Conv2d layers (or the named `layers`) in place by
+    KasminaLayers with `seeds_per_layer` seed slots each, and return the MorphableModel.
+
+    Kernels are resolved through `kernels`, by default a cache over `esper.default_registry()`.
+    """
+    if isinstance(model, MorphableModel):
+        raise ConfigError("the model is already wrapped")
+    modules = dict(model.named_modules())
+    if layers is None:
+        names = [n for n, m in modules.items() if isinstance(m, HOST_TYPES) and n]
+    else:
+        names = list(layers)
+        hosts = [n for n, m in modules.items() if isinstance(m, HOST_TYPES)]
+        for name in names:
+            if name not in modules or not name:
+                raise UnknownLayerError(name, hosts)
+            if not isinstance(modules[name], HOST_TYPES):
+                raise UnsupportedHostError(
+                    f"layer {name!r} is a {type(modules[name]).__name__}; "
+                    "Kasmina wraps nn.Linear and nn.Conv2d"
+                )
+    if not names:
+        raise ConfigError("the model has no nn.Linear or nn.Conv2d layer to wrap")
+    wrapped: dict[str, KasminaLayer] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = KasminaLayer(
+            modules[name], seeds_per_layer, name=name,
+            guard_nonfinite=guard_nonfinite, error_threshold=error_threshold,
+        )
+        setattr(parent, child, layer)
+        wrapped[name] = layer
+    cache = kernels if kernels is not None else KernelCache([default_registry()])
+    return MorphableModel(model, wrapped, cache)
+
+

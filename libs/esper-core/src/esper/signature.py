@@ -1,0 +1,98 @@
+"""HostSignature: what a kernel must fit — the host layer's kind and geometry, never its weights."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from esper.exceptions import UnsupportedHostError
+
+Pair = tuple[int, int]
+
+
+def _pair(value: int | tuple[int, ...]) -> Pair:
+    if isinstance(value, int):
+        return (value, value)
+    return (int(value[0]), int(value[1]))
+
+
+class HostSignature(BaseModel):
+    """A Linear host maps [..., in_features] → [..., out_features]; a Conv2d host maps
+    [B, in_features, H, W] → [B, out_features, H', W'] with its kernel/stride/padding/dilation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["linear", "conv2d"]
+    in_features: int = Field(ge=1)
+    out_features: int = Field(ge=1)
+    kernel_size: Pair = (1, 1)
+    stride: Pair = (1, 1)
+    padding: Pair | Literal["same"] = (0, 0)
+    dilation: Pair = (1, 1)
+    groups: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> HostSignature:
+        for name in ("kernel_size", "stride", "dilation"):
+            if min(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.padding != "same" and min(self.padding) < 0:
+            raise ValueError(f"padding must be ≥ 0, got {self.padding}")
+        if self.padding == "same" and self.stride != (1, 1):
+            raise ValueError("padding='same' needs stride (1, 1)")
+        if self.in_features % self.groups or self.out_features % self.groups:
+            raise ValueError(f"groups={self.groups} must divide in and out features")
+        return self
+
+    @classmethod
+    def of(cls, module: nn.Module) -> HostSignature:
+        if isinstance(module, nn.Linear):
+            return cls(kind="linear", in_features=module.in_features, out_features=module.out_features)
+        if isinstance(module, nn.Conv2d):
+            padding = module.padding
+            if isinstance(padding, str):
+                padding_value: Pair | Literal["same"] = "same" if padding == "same" else (0, 0)
+            else:
+                padding_value = _pair(padding)
+            return cls(
+                kind="conv2d",
+                in_features=module.in_channels,
+                out_features=module.out_channels,
+                kernel_size=_pair(module.kernel_size),
+                stride=_pair(module.stride),
+                padding=padding_value,
+                dilation=_pair(module.dilation),
+                groups=module.groups,
+            )
+        raise UnsupportedHostError(
+            f"cannot wrap {type(module).__name__}: Kasmina hosts are nn.Linear and nn.Conv2d"
+        )
+
+    def probe_input(
+        self, batch: int = 2, hw: Pair | None = None, dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """A small input of the right shape; conv probes are large enough for the host's kernel."""
+        if self.kind == "linear":
+            return torch.randn(batch, self.in_features, dtype=dtype, device=device)
+        if hw is None:
+            hw = (self.min_extent(0), self.min_extent(1))
+        return torch.randn(batch, self.in_features, *hw, dtype=dtype, device=device)
+
+    def min_extent(self, dim: int) -> int:
+        return max(8, self.dilation[dim] * (self.kernel_size[dim] - 1) + 1)
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.kind == "linear":
+            return (*input_shape[:-1], self.out_features)
+        batch, _, h, w = input_shape
+        if self.padding == "same":
+            return (batch, self.out_features, h, w)
+        out = []
+        for dim, size in enumerate((h, w)):
+            span = self.dilation[dim] * (self.kernel_size[dim] - 1) + 1
+            out.append((size + 2 * self.padding[dim] - span) // self.stride[dim] + 1)
+        return (batch, self.out_features, out[0], out[1])

@@ -1,0 +1,60 @@
+"""Shared fixtures: small real models and a fresh kernel registry + cache per test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import esper
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, d_in: int = 16, hidden: int = 32, d_out: int = 4) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(d_in, hidden)
+        self.act = nn.ReLU()
+        self.layer2 = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.act(self.layer1(x)))
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def registry() -> esper.LocalKernelRegistry:
+    return esper.LocalKernelRegistry()
+
+
+@pytest.fixture
+def cache(registry: esper.LocalKernelRegistry) -> esper.KernelCache:
+    return esper.KernelCache([registry])
+
+
+@pytest.fixture
+def mlp() -> TinyMLP:
+    return TinyMLP()
+
+
+@pytest.fixture
+def cnn() -> TinyCNN:
+    return TinyCNN()
