@@ -10,7 +10,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 PACKAGES := libs/esper-core
 TESTS := libs/esper-core/tests
 
-.PHONY: dev test lint bench clean
+.PHONY: dev test lint bench demo clean
 
 $(STAMP): constraints.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+demo: $(STAMP)
+	$(BIN)/python examples/grow_spirals.py
 
 clean:
 	rm -rf $(VENV)

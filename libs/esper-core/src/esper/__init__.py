@@ -1,9 +1,9 @@
 """Esper: neural networks that grow capacity while they train.
 
-    import esper
-    morphable = esper.wrap(model, seeds_per_layer=4)
-    await morphable.load_kernel("layer1", seed_idx=0, kernel_id="efficiency_kernel_v1")
-    morphable.set_seed_alpha("layer1", seed_idx=0, alpha=0.7)
+import esper
+morphable = esper.wrap(model, seeds_per_layer=4)
+await morphable.load_kernel("layer1", seed_idx=0, kernel_id="efficiency_kernel_v1")
+morphable.set_seed_alpha("layer1", seed_idx=0, alpha=0.7)
 """
 
 from esper import exceptions

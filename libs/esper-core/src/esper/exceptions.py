@@ -1,27 +1,27 @@
 """Every error Esper raises on purpose.
 
     EsperError
-    ├── ConfigError                  bad argument value (blend mode, ramp length, …)   (ValueError)
-    ├── UnknownLayerError            no wrapped layer of that name                      (LookupError)
-    ├── UnsupportedHostError         a module Kasmina cannot wrap                       (TypeError)
-    ├── SeedIndexError               seed index outside [0, seeds_per_layer)            (IndexError)
-    ├── SeedStateError               the seed is not in a state that allows the call
-    │   └── IllegalTransitionError   a lifecycle edge that does not exist
-    ├── AlphaError                                                                      (ValueError)
-    │   ├── AlphaRangeError          α outside [0, 1]
-    │   └── LerpBudgetError          Σ α of lerp seeds would exceed 1
+    ├── ConfigError                 a bad argument value (blend, ramp length)   ValueError
+    ├── UnknownLayerError           no wrapped layer of that name               LookupError
+    ├── UnsupportedHostError        a module Kasmina cannot wrap                TypeError
+    ├── SeedIndexError              seed index outside [0, seeds_per_layer)     IndexError
+    ├── SeedStateError              the seed's state does not allow the call
+    │   └── IllegalTransitionError  a lifecycle edge that does not exist
+    ├── AlphaError                                                              ValueError
+    │   ├── AlphaRangeError         α outside [0, 1]
+    │   └── LerpBudgetError         Σ α of lerp seeds would exceed 1
     ├── BlueprintError
-    │   ├── BlueprintSpecError       the spec itself is invalid                         (ValueError)
-    │   ├── UnknownBlueprintError    no blueprint of that name                          (LookupError)
-    │   └── BlueprintHostError       the blueprint cannot serve this host signature
-    ├── CompileError                 instantiate / export / validate failed
+    │   ├── BlueprintSpecError      the spec itself is invalid                  ValueError
+    │   ├── UnknownBlueprintError   no blueprint of that name                   LookupError
+    │   └── BlueprintHostError      the blueprint cannot serve this host
+    ├── CompileError                instantiate / export / validate failed
     └── KernelError
-        ├── UnknownKernelError       no kernel of that id or name                       (LookupError)
-        ├── KernelFetchError         a cache tier failed to deliver
-        ├── KernelMismatchError      the kernel's output does not fit the host
+        ├── UnknownKernelError      no kernel of that id or name                LookupError
+        ├── KernelFetchError        a cache tier failed to deliver
+        ├── KernelMismatchError     the kernel's output does not fit the host
         │   ├── KernelShapeError
         │   └── KernelDtypeError
-        └── ArtifactError            the artifact bytes cannot be trusted or read
+        └── ArtifactError           the artifact bytes cannot be trusted or read
             ├── CorruptArtifactError
             ├── DigestMismatchError
             └── SignatureMismatchError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from esper._sync import run_sync
-from esper.exceptions import ConfigError, EsperError, UnknownLayerError, UnsupportedHostError
+from esper.exceptions import ConfigError, UnknownLayerError, UnsupportedHostError
 from esper.kasmina.layer import KasminaLayer, SeedInfo
 from esper.kasmina.lifecycle import Listener
 from esper.kasmina.schedule import RampShape
@@ -45,9 +46,23 @@ class MorphableModel(nn.Module):
         self._optimizers: list[tuple[torch.optim.Optimizer, dict[str, Any]]] = []
         for layer in layers.values():
             layer.kernel_loader = self._load_for_restore
+        self.register_load_state_dict_post_hook(MorphableModel._after_load)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MorphableModel:
+        """A copy with its own layers and seeds (an EMA model, a best-so-far snapshot). The kernel
+        cache and executor are services and are shared (the cache holds locks, which cannot be
+        copied); the copy is attached to no optimizer."""
+        memo[id(self.kernels)] = self.kernels
+        memo[id(self.executor)] = self.executor
+        memo[id(self._optimizers)] = []
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = copy.deepcopy(value, memo)
+        return clone
 
     # ------------------------------------------------------------- layers
     def layer(self, name: str) -> KasminaLayer:
@@ -118,7 +133,12 @@ class MorphableModel(nn.Module):
         self.layer(layer).start_ramp(seed_idx, target, steps, shape)
 
     def retire_seed(
-        self, layer: str, seed_idx: int, *, ramp_steps: int = 0, reason: str = "retired by caller",
+        self,
+        layer: str,
+        seed_idx: int,
+        *,
+        ramp_steps: int = 0,
+        reason: str = "retired by caller",
         shape: RampShape = "linear",
     ) -> None:
         """ACTIVE → RETIRING; at once, or after α ramps down to 0 over `ramp_steps` steps."""
@@ -129,7 +149,7 @@ class MorphableModel(nn.Module):
         self.retire_seed(layer, seed_idx, reason=reason)
 
     def step(self) -> None:
-        """Call once per optimizer step: advances α ramps, ages seeds, polls the circuit breakers."""
+        """Call once per optimizer step: advances α ramps, ages seeds, polls circuit breakers."""
         for layer in self._layers.values():
             layer.advance()
             layer.poll_health()
@@ -166,7 +186,9 @@ class MorphableModel(nn.Module):
         return contribution
 
     # --------------------------------------------------------- parameters
-    def seed_parameters(self, layer: str | None = None, seed_idx: int | None = None) -> list[nn.Parameter]:
+    def seed_parameters(
+        self, layer: str | None = None, seed_idx: int | None = None
+    ) -> list[nn.Parameter]:
         names = [layer] if layer is not None else list(self._layers)
         params: list[nn.Parameter] = []
         for name in names:
@@ -183,11 +205,16 @@ class MorphableModel(nn.Module):
         return [p for p in self.parameters() if id(p) not in seed_ids]
 
     def attach_optimizer(
-        self, optimizer: torch.optim.Optimizer, *, lr: float | None = None,
-        max_grad_norm: float | None = None, **group_options: Any,
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        lr: float | None = None,
+        max_grad_norm: float | None = None,
+        **group_options: Any,
     ) -> None:
         """From now on every loaded seed joins `optimizer` in its own param group (own lr and
-        clipping, see clip_seed_gradients) and leaves it when retired. Seeds already loaded join now."""
+        clipping, see clip_seed_gradients) and leaves it when retired. Seeds already loaded
+        join now."""
         options = {"lr": lr, "max_grad_norm": max_grad_norm, **group_options}
         self._optimizers.append((optimizer, options))
         for name, kl in self._layers.items():
@@ -198,13 +225,21 @@ class MorphableModel(nn.Module):
         for optimizer, options in self._optimizers:
             self._join(optimizer, options, layer, seed_idx)
 
-    def _join(self, optimizer: torch.optim.Optimizer, options: dict[str, Any], layer: str, i: int) -> None:
+    def _join(
+        self, optimizer: torch.optim.Optimizer, options: dict[str, Any], layer: str, i: int
+    ) -> None:
         group_name = f"seed:{layer}:{i}"
-        if any(g.get("name") == group_name for g in optimizer.param_groups):
-            return
+        params = self.seed_parameters(layer, i)
+        for group in optimizer.param_groups:
+            if group.get("name") == group_name:
+                if [id(p) for p in group["params"]] == [id(p) for p in params]:
+                    return  # already in
+                # A stale group of an earlier seed in this slot (one the circuit breaker retired
+                # in forward, before step() could remove it): the new seed gets a fresh group.
+                _drop_group(optimizer, group)
+                break
         group = {k: v for k, v in options.items() if v is not None and k != "max_grad_norm"}
-        group.update(params=self.seed_parameters(layer, i), name=group_name,
-                     max_grad_norm=options.get("max_grad_norm"))
+        group.update(params=params, name=group_name, max_grad_norm=options.get("max_grad_norm"))
         optimizer.add_param_group(group)
 
     def _leave_optimizers(self) -> None:
@@ -213,9 +248,7 @@ class MorphableModel(nn.Module):
             for group in list(optimizer.param_groups):
                 name = str(group.get("name", ""))
                 if name.startswith("seed:") and not any(id(p) in live for p in group["params"]):
-                    optimizer.param_groups.remove(group)
-                    for p in group["params"]:
-                        optimizer.state.pop(p, None)
+                    _drop_group(optimizer, group)
 
     def clip_seed_gradients(self) -> None:
         """Clip each seed group by its own max_grad_norm, so one diverging seed cannot scale the
@@ -230,15 +263,26 @@ class MorphableModel(nn.Module):
         cached = self.kernels.get_sync(kernel_id)
         return self.executor.prepare(cached.template, kl.base_layer, kernel_id, kl.layer_name)
 
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """Restores seeds too: each layer re-resolves its kernels by id through the cache, then the
-        trained seed parameters, α and the layout are loaded over them."""
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self._leave_optimizers()
-        for name, kl in self._layers.items():
-            for i in kl.running_seeds():
-                self._join_optimizers(name, i)
-        return result
+    # A checkpoint restores seeds through each KasminaLayer's extra state: the layer re-resolves
+    # its kernels by id through this model's cache, then nn.Module loads the trained seed
+    # parameters over them. These hooks (rather than a load_state_dict override) also run when
+    # the MorphableModel sits inside another module that is the one being loaded.
+    @staticmethod
+    def _after_load(module: nn.Module, _incompatible_keys: Any) -> None:
+        """Seeds the checkpoint replaced leave the attached optimizers; restored seeds join."""
+        assert isinstance(module, MorphableModel)
+        module._leave_optimizers()
+        for name, layer in module._layers.items():
+            for i in layer.running_seeds():
+                module._join_optimizers(name, i)
+
+
+def _drop_group(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> None:
+    """Remove a param group and its parameters' state. By identity: `list.remove` would compare
+    the groups' tensors with `==`."""
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g is not group]
+    for p in group["params"]:
+        optimizer.state.pop(p, None)
 
 
 def _blend(value: BlendMode | str) -> BlendMode:
@@ -265,10 +309,17 @@ def wrap(
     if isinstance(model, MorphableModel):
         raise ConfigError("the model is already wrapped")
     modules = dict(model.named_modules())
+    already = [n or "(the model itself)" for n, m in modules.items() if isinstance(m, KasminaLayer)]
+    if already:
+        # Wrapping again would nest a KasminaLayer around each wrapped layer's base_layer.
+        raise ConfigError(f"the model is already wrapped (Kasmina layers: {', '.join(already)})")
     if layers is None:
         names = [n for n, m in modules.items() if isinstance(m, HOST_TYPES) and n]
     else:
         names = list(layers)
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"layers named more than once: {', '.join(repeated)}")
         hosts = [n for n, m in modules.items() if isinstance(m, HOST_TYPES)]
         for name in names:
             if name not in modules or not name:
@@ -278,19 +329,27 @@ def wrap(
                     f"layer {name!r} is a {type(modules[name]).__name__}; "
                     "Kasmina wraps nn.Linear and nn.Conv2d"
                 )
+    if isinstance(model, HOST_TYPES):
+        raise ConfigError(
+            f"the model is itself an nn.{type(model).__name__}; wrap a module that contains it, "
+            "such as nn.Sequential(layer)"
+        )
     if not names:
+        if layers is not None:
+            raise ConfigError("layers=[] selects no layer to wrap")
         raise ConfigError("the model has no nn.Linear or nn.Conv2d layer to wrap")
     wrapped: dict[str, KasminaLayer] = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = KasminaLayer(
-            modules[name], seeds_per_layer, name=name,
-            guard_nonfinite=guard_nonfinite, error_threshold=error_threshold,
+            modules[name],
+            seeds_per_layer,
+            name=name,
+            guard_nonfinite=guard_nonfinite,
+            error_threshold=error_threshold,
         )
         setattr(parent, child, layer)
         wrapped[name] = layer
     cache = kernels if kernels is not None else KernelCache([default_registry()])
     return MorphableModel(model, wrapped, cache)
-
-

@@ -73,8 +73,10 @@ class LocalKernelRegistry(KernelSource):
         with self._lock:
             if self.root is not None:
                 _atomic_write(self._blob_path(meta), artifact.data)
-                _atomic_write(self.root / "kernels" / f"{meta.kernel_id}.json",
-                              meta.model_dump_json(indent=2).encode())
+                _atomic_write(
+                    self.root / "kernels" / f"{meta.kernel_id}.json",
+                    meta.model_dump_json(indent=2).encode(),
+                )
             self._metas[meta.kernel_id] = meta
             self._data[meta.kernel_id] = artifact.data
         for tag in tags:
@@ -103,7 +105,7 @@ class LocalKernelRegistry(KernelSource):
 
     @staticmethod
     def _check_tag(tag: str) -> None:
-        if not TAG_RE.match(tag) or KERNEL_ID_RE.match(tag):
+        if not isinstance(tag, str) or not TAG_RE.fullmatch(tag) or KERNEL_ID_RE.fullmatch(tag):
             raise ConfigError(
                 f"tag {tag!r} must be 1-128 characters of letters, digits, '_', '.', '-' "
                 "and must not look like a kernel id"

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from esper.exceptions import UnsupportedHostError
 
@@ -49,8 +50,15 @@ class HostSignature(BaseModel):
 
     @classmethod
     def of(cls, module: nn.Module) -> HostSignature:
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            raise UnsupportedHostError(
+                f"cannot wrap an uninitialized {type(module).__name__}: its sizes are unknown "
+                "until its first forward; run one batch through the model before wrapping it"
+            )
         if isinstance(module, nn.Linear):
-            return cls(kind="linear", in_features=module.in_features, out_features=module.out_features)
+            return cls(
+                kind="linear", in_features=module.in_features, out_features=module.out_features
+            )
         if isinstance(module, nn.Conv2d):
             padding = module.padding
             if isinstance(padding, str):
@@ -72,7 +80,10 @@ class HostSignature(BaseModel):
         )
 
     def probe_input(
-        self, batch: int = 2, hw: Pair | None = None, dtype: torch.dtype = torch.float32,
+        self,
+        batch: int = 2,
+        hw: Pair | None = None,
+        dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
         """A small input of the right shape; conv probes are large enough for the host's kernel."""

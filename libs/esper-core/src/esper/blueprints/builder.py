@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,11 @@ from esper.exceptions import BlueprintHostError
 from esper.signature import HostSignature
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
 }
 
 
@@ -81,14 +86,17 @@ class _Builder:
                 raise BlueprintHostError(
                     f"{where}: groups={groups} must divide in width {width} and out width {out}"
                 )
+            geometry: dict[str, Any]
             if op.kernel == "host":
                 geometry = dict(
-                    kernel_size=h.kernel_size, stride=h.stride, padding=h.padding,
+                    kernel_size=h.kernel_size,
+                    stride=h.stride,
+                    padding=h.padding,
                     dilation=h.dilation,
                 )
             else:
                 geometry = dict(kernel_size=op.kernel, padding=op.kernel // 2)
-            return out, nn.Conv2d(width, out, groups=groups, bias=op.bias, **geometry)  # type: ignore[arg-type]
+            return out, nn.Conv2d(width, out, groups=groups, bias=op.bias, **geometry)
         if isinstance(op, NormOp):
             if self.conv:
                 return width, nn.GroupNorm(math.gcd(op.groups, width), width)
@@ -97,8 +105,10 @@ class _Builder:
             return width, _ACTIVATIONS[op.fn]()
         if isinstance(op, GLUOp):
             out = self.size(op.out, where)
-            proj = nn.Conv2d(width, 2 * out, 1, bias=op.bias) if self.conv else nn.Linear(
-                width, 2 * out, bias=op.bias
+            proj = (
+                nn.Conv2d(width, 2 * out, 1, bias=op.bias)
+                if self.conv
+                else nn.Linear(width, 2 * out, bias=op.bias)
             )
             return out, GatedLinearUnit(proj, channel_dim=1 if self.conv else -1)
         if isinstance(op, SqueezeExciteOp):
@@ -116,8 +126,10 @@ class _Builder:
 def instantiate(spec: BlueprintSpec, host: HostSignature, seed: int = 0) -> nn.Sequential:
     """Build the seed network; its last parametric op starts at zero so that the seed's output
     is zero at germination (an `add` seed is then function-preserving at any α)."""
+    # The modules are built on the CPU: seed only its generator (torch.manual_seed would also
+    # reseed every CUDA device, which fork_rng(devices=[]) does not restore).
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         module = _Builder(spec, host).build()
     for layer in reversed(list(module)):
         params = list(layer.parameters())

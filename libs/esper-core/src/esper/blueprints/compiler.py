@@ -13,8 +13,14 @@ from esper.blueprints.builder import instantiate
 from esper.blueprints.library import get_blueprint
 from esper.blueprints.spec import BlueprintSpec
 from esper.exceptions import CompileError, EsperError
-from esper.kernels.artifact import KernelArtifact, KernelFormat, KernelMeta, digest_of, kernel_id_for
-from esper.kernels.executor import deserialize, example_input, serialize
+from esper.kernels.artifact import (
+    KernelArtifact,
+    KernelFormat,
+    KernelMeta,
+    digest_of,
+    kernel_id_for,
+)
+from esper.kernels.executor import deserialize, example_input, probe_input, serialize
 from esper.signature import HostSignature
 
 COMPILER_VERSION = 1
@@ -46,7 +52,8 @@ def compile_blueprint(
     if fmt not in ("export", "torchscript"):
         raise CompileError(f"unknown kernel format {fmt!r}; use 'export' or 'torchscript'")
     kernel_id = compile_kernel_id(spec, signature, fmt)
-    where = f"blueprint {spec.name!r} for {signature.kind} {signature.in_features}→{signature.out_features}"
+    sizes = f"{signature.in_features}→{signature.out_features}"
+    where = f"blueprint {spec.name!r} for {signature.kind} {sizes}"
 
     module = instantiate(spec, signature, seed=int(kernel_id[4:12], 16))
     example = example_input(signature)
@@ -63,7 +70,9 @@ def compile_blueprint(
     except EsperError:
         raise
     except Exception as err:
-        raise CompileError(f"{where}: {fmt} failed: {type(err).__name__}: {str(err)[:300]}") from None
+        raise CompileError(
+            f"{where}: {fmt} failed: {type(err).__name__}: {str(err)[:300]}"
+        ) from None
 
     meta = KernelMeta(
         kernel_id=kernel_id,
@@ -93,12 +102,14 @@ def _flops_per_sample(module: nn.Module, example: torch.Tensor) -> int:
 def _validate_and_time(artifact: KernelArtifact, host: HostSignature, where: str) -> float:
     """Reload the bytes, run them at another batch size (and spatial size), time the forward."""
     loaded = deserialize(artifact)
-    probe = host.probe_input(batch=3)
+    probe = probe_input(host, batch=3)
     with torch.no_grad():
         try:
             out = loaded(probe)
         except Exception as err:
-            raise CompileError(f"{where}: reloaded kernel fails on {tuple(probe.shape)}: {err}") from None
+            raise CompileError(
+                f"{where}: reloaded kernel fails on {tuple(probe.shape)}: {err}"
+            ) from None
         if tuple(out.shape) != host.output_shape(tuple(probe.shape)):
             raise CompileError(f"{where}: reloaded kernel gives shape {tuple(out.shape)}")
         if not all(p.requires_grad for p in loaded.parameters()):

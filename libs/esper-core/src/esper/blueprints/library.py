@@ -26,11 +26,14 @@ _SPECS: list[dict[str, Any]] = [
         "body": [
             {"op": "host_proj", "out": "max(floor, out*ratio)"},
             {"op": "act", "fn": "gelu"},
-            {"op": "residual", "body": [
-                {"op": "norm"},
-                {"op": "project", "out": "max(floor, out*ratio)"},
-                {"op": "act", "fn": "gelu"},
-            ]},
+            {
+                "op": "residual",
+                "body": [
+                    {"op": "norm"},
+                    {"op": "project", "out": "max(floor, out*ratio)"},
+                    {"op": "act", "fn": "gelu"},
+                ],
+            },
             {"op": "project", "out": "out"},
         ],
     },
@@ -48,7 +51,9 @@ _SPECS: list[dict[str, Any]] = [
     },
     {
         "name": "conv3x3",
-        "description": "Host-geometry reduction, a 3x3 conv at the output resolution, GroupNorm, 1x1 up.",
+        "description": (
+            "Host-geometry reduction, a 3x3 conv at the output resolution, GroupNorm, 1x1 up."
+        ),
         "hosts": ["conv2d"],
         "params": {"ratio": 0.5},
         "body": [
@@ -73,7 +78,9 @@ _SPECS: list[dict[str, Any]] = [
     },
     {
         "name": "squeeze_excite",
-        "description": "Channel attention on the input (squeeze-excitation), then the host-geometry map.",
+        "description": (
+            "Channel attention on the input (squeeze-excitation), then the host-geometry map."
+        ),
         "hosts": ["linear", "conv2d"],
         "body": [
             {"op": "squeeze_excite", "ratio": 0.25},
@@ -102,7 +109,9 @@ _SPECS: list[dict[str, Any]] = [
     },
     {
         "name": "wide_mlp",
-        "description": "A two-layer MLP branch twice the host's width: capacity for underfitting hosts.",
+        "description": (
+            "A two-layer MLP branch twice the host's width: capacity for underfitting hosts."
+        ),
         "hosts": ["linear"],
         "params": {"ratio": 2.0},
         "body": [

@@ -83,11 +83,12 @@ def eval_size(expr: int | str, env: Mapping[str, float]) -> int:
     value = _eval(tree.body, {_rename(k): v for k, v in env.items()})
     if not math.isfinite(value):
         raise BlueprintSpecError(f"size {expr!r} is not finite for {dict(env)}")
-    return max(1, int(math.floor(value)))
+    return max(1, math.floor(value))
 
 
 def _eval(node: ast.AST, env: Mapping[str, float]) -> float:
     if isinstance(node, ast.Constant):
+        assert isinstance(node.value, int | float)  # parse_size admits no other constant
         return float(node.value)
     if isinstance(node, ast.Name):
         return float(env[node.id])
@@ -100,5 +101,5 @@ def _eval(node: ast.AST, env: Mapping[str, float]) -> float:
         return float(_BINOPS[type(node.op)](left, right))
     if isinstance(node, ast.Call):
         assert isinstance(node.func, ast.Name)
-        return float(_FUNCS[node.func.id](*(_eval(a, env) for a in node.args)))
+        return float(_FUNCS[node.func.id]([_eval(a, env) for a in node.args]))  # max(x) is x
     raise BlueprintSpecError(f"cannot evaluate {type(node).__name__}")

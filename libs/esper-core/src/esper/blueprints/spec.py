@@ -19,7 +19,7 @@ from esper.exceptions import BlueprintSpecError
 
 Size = int | str
 HostKind = Literal["linear", "conv2d"]
-RESERVED_NAMES = {"in", "out", "min", "max"}
+RESERVED_NAMES = {"in", "in_", "out", "min", "max"}  # `in` is parsed as `in_`
 MAX_OPS = 32
 
 
@@ -94,7 +94,8 @@ class DepthwiseOp(_KernelOp):
 
 
 class NormOp(_Op):
-    """GroupNorm on conv hosts (no running statistics to drift while α ramps), LayerNorm on linear."""
+    """GroupNorm on conv hosts (no running statistics to drift while α ramps), LayerNorm on
+    linear hosts."""
 
     op: Literal["norm"] = "norm"
     groups: int = Field(default=8, ge=1)
@@ -145,8 +146,16 @@ class ResidualOp(_Op):
 
 
 OpSpec = Annotated[
-    ProjectOp | HostProjOp | ConvOp | DepthwiseOp | NormOp | ActOp | GLUOp | SqueezeExciteOp
-    | ScaleOp | ResidualOp,
+    ProjectOp
+    | HostProjOp
+    | ConvOp
+    | DepthwiseOp
+    | NormOp
+    | ActOp
+    | GLUOp
+    | SqueezeExciteOp
+    | ScaleOp
+    | ResidualOp,
     Field(discriminator="op"),
 ]
 ResidualOp.model_rebuild()
@@ -154,6 +163,17 @@ ResidualOp.model_rebuild()
 
 def _count(ops: list[OpSpec]) -> int:
     return sum(1 + (_count(op.body) if isinstance(op, ResidualOp) else 0) for op in ops)
+
+
+def _walk(ops: list[OpSpec], path: str = "body", depth: int = 0) -> list[tuple[str, OpSpec, int]]:
+    """Every op with its location (`body[2].body[0] (conv)`) and its residual nesting depth."""
+    found = []
+    for index, op in enumerate(ops):
+        where = f"{path}[{index}]"
+        found.append((f"{where} ({op.op})", op, depth))
+        if isinstance(op, ResidualOp):
+            found.extend(_walk(op.body, f"{where}.body", depth + 1))
+    return found
 
 
 class BlueprintSpec(BaseModel):
@@ -177,23 +197,26 @@ class BlueprintSpec(BaseModel):
         if _count(self.body) > MAX_OPS:
             raise ValueError(f"more than {MAX_OPS} ops")
         names = {"in", "out", *self.params}
-        for index, op in enumerate(self.body):
-            where = f"body[{index}] ({op.op})"
-            for size in op.sizes():
-                try:
-                    parse_size(size, names)
-                except BlueprintSpecError as err:
-                    raise ValueError(f"{where}: {err}") from None
-            if op.conv_only and "linear" in self.hosts:
-                raise ValueError(f"{where} needs a conv2d host but hosts include 'linear'")
-            if isinstance(op, ResidualOp) and any(o.carries_geometry for o in op.body):
+        for where, op, depth in _walk(self.body):
+            if not isinstance(op, ResidualOp):  # a residual's sizes are its body's, checked there
+                for size in op.sizes():
+                    try:
+                        parse_size(size, names)
+                    except BlueprintSpecError as err:
+                        raise ValueError(f"{where}: {err}") from None
+                if op.conv_only and "linear" in self.hosts:
+                    raise ValueError(f"{where} needs a conv2d host but hosts include 'linear'")
+            if depth and op.carries_geometry:
                 raise ValueError(f"{where}: a residual body cannot carry the host's geometry")
         if "conv2d" in self.hosts:
-            geometry = [i for i, op in enumerate(self.body) if op.carries_geometry]
+            geometry = [
+                f"body[{i}] ({op.op})" for i, op in enumerate(self.body) if op.carries_geometry
+            ]
             if len(geometry) != 1:
                 raise ValueError(
                     "a conv2d blueprint needs exactly one top-level op with the host's geometry "
                     f"(host_proj, or conv/depthwise with kernel 'host'); found {len(geometry)}"
+                    + (f": {', '.join(geometry)}" if geometry else "")
                 )
         return self
 
@@ -205,7 +228,40 @@ class BlueprintSpec(BaseModel):
                 return cls.model_validate_json(data)
             return cls.model_validate(data)
         except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(spec)'}: {e['msg']}" for e in err.errors()
+            problems = "; ".join(_describe(e["loc"], e["msg"]) for e in err.errors())
+            name = data.get("name") if isinstance(data, dict) else None
+            label = (
+                f"invalid blueprint spec {name!r}"
+                if isinstance(name, str)
+                else "invalid blueprint spec"
             )
-            raise BlueprintSpecError(f"invalid blueprint spec: {problems}") from None
+            raise BlueprintSpecError(f"{label}: {problems}") from None
+
+
+_OP_TAGS = {
+    "project",
+    "host_proj",
+    "conv",
+    "depthwise",
+    "norm",
+    "act",
+    "glu",
+    "squeeze_excite",
+    "scale",
+    "residual",
+}
+
+
+def _describe(loc: tuple[int | str, ...], msg: str) -> str:
+    """A pydantic error location as `body[1] (conv).kernel`: list indices in brackets, and the
+    op tag pydantic inserts after a list index shown as the op."""
+    msg = msg.removeprefix("Value error, ")
+    path = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif i and isinstance(loc[i - 1], int) and part in _OP_TAGS:
+            path += f" ({part})"
+        else:
+            path += f".{part}" if path else part
+    return f"{path}: {msg}" if path else msg

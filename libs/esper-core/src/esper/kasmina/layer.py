@@ -82,7 +82,11 @@ class KasminaLayer(nn.Module):
         self._blend = [BlendMode.ADD] * num_seeds
         self._isolate = [False] * num_seeds
         self._modules_by_seed: list[nn.Module | None] = [None] * num_seeds
-        self._exceptions = [0] * num_seeds
+        # Seeds are called through their bound forward: nn.Module.__call__ (hooks, and for an
+        # exported GraphModule its call wrapper) costs ~100 µs a call, more than a small seed's
+        # compute. Hooks registered on a seed module therefore do not run.
+        self._seed_calls: list[Callable[[torch.Tensor], torch.Tensor] | None] = [None] * num_seeds
+        self._errors = [0] * num_seeds
         self._last_error: list[str | None] = [None] * num_seeds
         self._ramps: dict[int, AlphaRamp] = {}
         self._running_lerp: tuple[int, ...] = ()
@@ -94,7 +98,10 @@ class KasminaLayer(nn.Module):
         if not (self._running_lerp or self._running_add):
             return self.base_layer(x)  # dormant fast path: no extra op, no sync
         host = self.base_layer(x)
-        alpha = self.layout.alpha
+        # A snapshot, not the buffer: α may be written in place before backward runs (set_alpha, a
+        # ramp, seed_alpha_forced, or the circuit breaker tripping inside this very forward), and
+        # autograd must keep the α this output was computed with.
+        alpha = self.layout.alpha.clone()
         out = host
         if self._running_lerp:
             host_weight = 1.0 - alpha[self._running_lerp[0]]
@@ -108,13 +115,16 @@ class KasminaLayer(nn.Module):
         return out
 
     def _seed_output(self, i: int, x: torch.Tensor, host: torch.Tensor, lerp: bool) -> torch.Tensor:
-        module = self._modules_by_seed[i]
+        module = self._seed_calls[i]
         assert module is not None
         seed_in = x.detach() if self._isolate[i] else x
         try:
             if self.signature.kind == "linear" and seed_in.dim() != 2:
                 # Kernels are exported for [batch, features]; fold any leading dims into batch.
                 k = module(seed_in.reshape(-1, self.signature.in_features)).reshape(host.shape)
+            elif self.signature.kind == "conv2d" and seed_in.dim() == 3:
+                # An unbatched [C, H, W] input, which nn.Conv2d accepts: kernels expect a batch.
+                k = module(seed_in.unsqueeze(0)).squeeze(0)
             else:
                 k = module(seed_in)
             if k.shape != host.shape:
@@ -126,22 +136,33 @@ class KasminaLayer(nn.Module):
             return host if lerp else torch.zeros_like(host)
         if not self.guard_nonfinite:
             return k
-        # One reduction tells whether any element is NaN/inf, without a sync: the seed's output is
-        # replaced by its fallback on device and the count is read later by poll_health().
-        bad = ~torch.isfinite(k.sum(dtype=torch.float32))
-        self.layout.error_count[i] += bad
-        return torch.where(bad, host, k) if lerp else torch.where(bad, 0.0, k)
+        # One reduction tells whether any element is NaN/inf. On the CPU reading it costs nothing,
+        # so the check branches in Python and a healthy seed pays no elementwise pass. On an
+        # accelerator (or inside torch.compile) reading it would sync: the fallback is selected on
+        # the device instead and the count is read later by poll_health().
+        finite = torch.isfinite(k.sum(dtype=torch.float32))
+        if k.device.type == "cpu" and not torch.compiler.is_compiling():
+            if bool(finite):
+                return k
+            self._record_error(i, "non-finite output")
+            return host if lerp else torch.zeros_like(host)
+        self.layout.error_count[i] += ~finite
+        return torch.where(finite, k, host) if lerp else torch.where(finite, k, 0.0)
 
     def _record_exception(self, i: int, err: Exception) -> None:
-        self._exceptions[i] += 1
-        self._last_error[i] = f"{type(err).__name__}: {err}"
+        self._record_error(i, f"{type(err).__name__}: {err}")
+
+    def _record_error(self, i: int, message: str) -> None:
+        """Count an error seen in Python (an exception, or a non-finite output read on the CPU);
+        at the threshold the circuit breaker retires the seed at once."""
+        self._errors[i] += 1
+        self._last_error[i] = message
         self.layout.error_count[i] += 1
         log.warning(
-            "seed %d of layer %r fell back to the host output (%s)",
-            i, self.layer_name, self._last_error[i],
+            "seed %d of layer %r fell back to the host output (%s)", i, self.layer_name, message
         )
-        if self._exceptions[i] >= self.error_threshold and self._states[i] in RUNNING_STATES:
-            self._trip(i, f"{self._exceptions[i]} errors, last: {self._last_error[i]}")
+        if self._errors[i] >= self.error_threshold and self._states[i] in RUNNING_STATES:
+            self._trip(i, f"{self._errors[i]} errors, last: {message}")
 
     # ----------------------------------------------------------- introspection
     def check_index(self, seed: int) -> None:
@@ -151,8 +172,14 @@ class KasminaLayer(nn.Module):
     def seed_info(self, seed: int) -> SeedInfo:
         self.check_index(seed)
         return SeedInfo(
-            self.layer_name, seed, self._states[seed], self._alphas[seed],
-            self._kernel_ids[seed], self._blend[seed], self._isolate[seed], self._last_error[seed],
+            self.layer_name,
+            seed,
+            self._states[seed],
+            self._alphas[seed],
+            self._kernel_ids[seed],
+            self._blend[seed],
+            self._isolate[seed],
+            self._last_error[seed],
         )
 
     def seed_module(self, seed: int) -> nn.Module | None:
@@ -174,7 +201,12 @@ class KasminaLayer(nn.Module):
     # ---------------------------------------------------------------------- α
     def check_alpha(self, seed: int, alpha: float, blend: BlendMode | None = None) -> None:
         """Raise unless `alpha` is a legal α for `seed` (in [0, 1], and within the lerp budget)."""
-        if not isinstance(alpha, int | float) or not math.isfinite(alpha) or not 0 <= alpha <= 1:
+        if (
+            not isinstance(alpha, int | float)
+            or isinstance(alpha, bool)
+            or not math.isfinite(alpha)
+            or not 0 <= alpha <= 1
+        ):
             raise AlphaRangeError(
                 f"α={alpha!r} for seed {seed} of layer {self.layer_name!r} is outside [0, 1]"
             )
@@ -192,7 +224,10 @@ class KasminaLayer(nn.Module):
 
     def set_alpha(self, seed: int, alpha: float) -> None:
         self.check_index(seed)
-        if self._states[seed] not in RUNNING_STATES:
+        if self._states[seed] is SeedState.RETIRING:
+            # Writing α would cancel the retirement ramp and leave the seed RETIRING for good.
+            raise SeedStateError(f"cannot set α: {self._describe(seed)}")
+        if self._states[seed] is not SeedState.ACTIVE:
             raise SeedStateError(f"cannot set α: {self._describe(seed)}; load a kernel first")
         self.check_alpha(seed, alpha)
         self._ramps.pop(seed, None)
@@ -218,10 +253,14 @@ class KasminaLayer(nn.Module):
         self.lifecycle.transition(seed, SeedState.ALLOCATED, reason)
 
     def mark_loading(self, seed: int, kernel_id: str) -> None:
-        self.lifecycle.transition(seed, SeedState.LOADING, f"fetching kernel {kernel_id}", kernel_id)
+        self.check_index(seed)
+        reason = f"fetching kernel {kernel_id}"
+        self.lifecycle.transition(seed, SeedState.LOADING, reason, kernel_id)
         self._kernel_ids[seed] = kernel_id
 
     def fail_load(self, seed: int, reason: str) -> None:
+        self.check_index(seed)
+        self.lifecycle.check(seed, SeedState.DORMANT)  # before any write: ACTIVE → DORMANT raises
         kernel_id = self._kernel_ids[seed]
         self._kernel_ids[seed] = None
         self.lifecycle.transition(seed, SeedState.DORMANT, f"load failed: {reason}", kernel_id)
@@ -236,14 +275,16 @@ class KasminaLayer(nn.Module):
         grad_isolation: bool = False,
     ) -> None:
         """LOADING → ACTIVE with a module the executor has already checked against this host."""
+        self.check_index(seed)
         if self._states[seed] is not SeedState.LOADING:
             raise SeedStateError(f"cannot attach: {self._describe(seed)}")
         self.check_alpha(seed, alpha, blend)
         self.seeds[str(seed)] = module
         self._modules_by_seed[seed] = module
+        self._seed_calls[seed] = module.forward
         self._blend[seed] = blend
         self._isolate[seed] = grad_isolation
-        self._exceptions[seed] = 0
+        self._errors[seed] = 0
         self._last_error[seed] = None
         self.layout.error_count[seed] = 0
         self.layout.contribution[seed] = float("nan")
@@ -253,8 +294,10 @@ class KasminaLayer(nn.Module):
         )
         self._refresh_running()
 
-    def retire(self, seed: int, reason: str, ramp_steps: int = 0, shape: RampShape = "linear") -> None:
-        """ACTIVE → RETIRING; with ramp_steps, α ramps to 0 in advance() before the seed recycles."""
+    def retire(
+        self, seed: int, reason: str, ramp_steps: int = 0, shape: RampShape = "linear"
+    ) -> None:
+        """ACTIVE → RETIRING; with ramp_steps, α ramps to 0 in advance() before it recycles."""
         self.check_index(seed)
         if self._states[seed] is SeedState.RETIRING and ramp_steps == 0:
             self._recycle(seed, reason)  # finish a retirement that was ramping
@@ -263,12 +306,18 @@ class KasminaLayer(nn.Module):
             raise SeedStateError(f"cannot retire: {self._describe(seed)}")
         if ramp_steps < 0:
             raise ConfigError(f"ramp_steps must be ≥ 0, got {ramp_steps}")
+        # Build the ramp first: a bad shape must raise before the seed has left ACTIVE.
+        ramp = (
+            AlphaRamp(self._alphas[seed], 0.0, ramp_steps, shape, then_retire=True)
+            if ramp_steps
+            else None
+        )
         self.lifecycle.transition(seed, SeedState.RETIRING, reason, self._kernel_ids[seed])
         self._ramps.pop(seed, None)
-        if ramp_steps == 0:
+        if ramp is None:
             self._recycle(seed, reason)
         else:
-            self._ramps[seed] = AlphaRamp(self._alphas[seed], 0.0, ramp_steps, shape, then_retire=True)
+            self._ramps[seed] = ramp
 
     def _recycle(self, seed: int, reason: str) -> None:
         kernel_id = self._kernel_ids[seed]
@@ -278,6 +327,7 @@ class KasminaLayer(nn.Module):
         self._ramps.pop(seed, None)
         del self.seeds[str(seed)]
         self._modules_by_seed[seed] = None
+        self._seed_calls[seed] = None
         self._kernel_ids[seed] = None
         self.lifecycle.transition(seed, SeedState.DORMANT, "slot recycled", kernel_id)
 
@@ -339,7 +389,7 @@ class KasminaLayer(nn.Module):
         """Rebuild the seeds a checkpoint names; nn.Module then loads their trained parameters,
         because children are loaded after their parent's extra state."""
         seeds = state.get("seeds") if isinstance(state, dict) else None
-        if state.get("version") != 1 or not isinstance(seeds, list):
+        if not isinstance(seeds, list) or state.get("version") != 1:
             raise ConfigError(f"layer {self.layer_name!r}: unreadable seed state in checkpoint")
         if len(seeds) != self.num_seeds:
             raise ConfigError(
@@ -352,10 +402,13 @@ class KasminaLayer(nn.Module):
     def _restore_seed(self, i: int, saved: dict[str, Any]) -> None:
         want = SeedState[saved["state"]]
         kernel_id, blend = saved["kernel_id"], BlendMode(saved["blend"])
+        # A seed already holding this kernel is kept (its parameters are overwritten next), unless
+        # it is retiring and the checkpoint's is not: RETIRING has no edge back to ACTIVE.
         same = (
             self._states[i] in RUNNING_STATES
             and self._kernel_ids[i] == kernel_id
             and self._blend[i] is blend
+            and not (self._states[i] is SeedState.RETIRING and want is SeedState.ACTIVE)
         )
         if self._states[i] in RUNNING_STATES and not (same and want in RUNNING_STATES):
             self.retire(i, "restoring checkpoint")  # immediate: RETIRING → RECYCLING → DORMANT
@@ -378,6 +431,7 @@ class KasminaLayer(nn.Module):
             self.attach(i, module, blend=blend, grad_isolation=bool(saved["grad_isolation"]))
         self._write_alpha(i, float(saved["alpha"]))
         self._isolate[i] = bool(saved["grad_isolation"])
+        self._ramps.pop(i, None)
         if saved.get("ramp"):
             self._ramps[i] = AlphaRamp.from_dict(saved["ramp"])
         if want is SeedState.RETIRING and self._states[i] is SeedState.ACTIVE:

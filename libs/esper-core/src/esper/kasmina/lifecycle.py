@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from esper.exceptions import IllegalTransitionError
+from esper.exceptions import IllegalTransitionError, SeedIndexError
 from esper.kasmina.state import SeedState, StateLayout
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ class LifecycleManager:
         return self._mirror[seed]
 
     def check(self, seed: int, to_state: SeedState) -> None:
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < len(self._mirror):
+            # A negative index would silently alias another seed through Python list indexing.
+            raise SeedIndexError(self.layer_name, seed, len(self._mirror))
         current = self._mirror[seed]
         if to_state not in LEGAL_TRANSITIONS[current]:
             allowed = ", ".join(s.name for s in sorted(LEGAL_TRANSITIONS[current]))

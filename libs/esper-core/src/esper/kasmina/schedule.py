@@ -26,12 +26,14 @@ class AlphaRamp:
     t: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"ramp steps must be ≥ 1, got {self.steps}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ConfigError(f"ramp steps must be an integer ≥ 1, got {self.steps!r}")
         if self.shape not in ("linear", "cosine"):
             raise ConfigError(f"ramp shape must be 'linear' or 'cosine', got {self.shape!r}")
         for name, value in (("start", self.start), ("target", self.target)):
-            if not 0.0 <= value <= 1.0:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise AlphaRangeError(f"ramp {name} α={value!r} is not a number")
+            if not 0.0 <= value <= 1.0:  # NaN fails this too
                 raise AlphaRangeError(f"ramp {name} α={value} is outside [0, 1]")
 
     @property

@@ -57,7 +57,9 @@ class KernelArtifact:
     data: bytes
 
     def signed(self, key: bytes) -> KernelArtifact:
-        return KernelArtifact(self.meta.model_copy(update={"hmac_sha256": sign(self.meta, key)}), self.data)
+        return KernelArtifact(
+            self.meta.model_copy(update={"hmac_sha256": sign(self.meta, key)}), self.data
+        )
 
 
 def _message(meta: KernelMeta) -> bytes:

@@ -16,12 +16,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from esper._sync import run_sync
-from esper.exceptions import (
-    ArtifactError,
-    EsperError,
-    KernelFetchError,
-    UnknownKernelError,
-)
+from esper.exceptions import ArtifactError, KernelFetchError, UnknownKernelError
 from esper.kernels.artifact import KERNEL_ID_RE, KernelArtifact, KernelMeta, verify
 from esper.kernels.executor import deserialize
 
@@ -30,7 +25,8 @@ MEMORY = "memory"
 
 
 class KernelSource(ABC):
-    """One tier behind the memory cache. `fetch` returns None for a miss and raises for a failure."""
+    """One tier behind the memory cache. `fetch` returns None (or raises UnknownKernelError) for a
+    miss and raises anything else for a failure; the cache then asks the next tier."""
 
     name: str = "source"
 
@@ -83,25 +79,36 @@ class KernelCache:
 
     # --------------------------------------------------------------- lookup
     async def resolve(self, ref: str) -> str:
-        if KERNEL_ID_RE.match(ref) and ref in self:
+        """The kernel id `ref` (an id, a name or a tag) refers to. An id is its own answer (tags
+        never look like ids), so loading by id costs no lookup round trip; fetching it says
+        whether a tier has it. A tier that fails is skipped; when none knows a name and some
+        failed, that is a KernelFetchError, not an unknown name."""
+        if KERNEL_ID_RE.fullmatch(ref):
             return ref
+        failures = []
         for source in self.sources:
             try:
                 kernel_id = await source.resolve(ref)
-            except EsperError:
-                raise
+            except UnknownKernelError:
+                continue
             except Exception as err:
                 self._stats[source.name].errors += 1
+                failures.append(f"{source.name}: {type(err).__name__}: {err}")
                 log.warning("tier %s could not resolve %r: %s", source.name, ref, err)
                 continue
             if kernel_id:
                 return kernel_id
-        if KERNEL_ID_RE.match(ref):
-            return ref
+        if failures:
+            raise KernelFetchError(
+                f"cannot resolve kernel {ref!r}: no tier knows it and some failed: "
+                + "; ".join(failures)
+            )
         tiers = ", ".join(s.name for s in self.sources) or "no tiers configured"
         raise UnknownKernelError(f"unknown kernel {ref!r} (looked in: {tiers})")
 
     async def get(self, ref: str) -> CachedKernel:
+        """The cached kernel for `ref`; concurrent misses of one kernel share one fetch. The fetch
+        runs as its own task, so a caller that is cancelled does not cancel it for the others."""
         kernel_id = await self.resolve(ref)
         entry = self._hit(kernel_id)
         if entry is not None:
@@ -110,21 +117,21 @@ class KernelCache:
         waiting = self._inflight.get(kernel_id)
         if waiting is not None and waiting[0] is loop:
             return await asyncio.shield(waiting[1])
-        future: asyncio.Future[CachedKernel] = loop.create_future()
-        self._inflight[kernel_id] = (loop, future)
-        try:
-            entry = await self._fetch(kernel_id)
-            future.set_result(entry)
-            return entry
-        except BaseException as err:
-            future.set_exception(err)
-            future.exception()  # retrieved here, so an unawaited future does not warn
-            raise
-        finally:
-            self._inflight.pop(kernel_id, None)
+        task = loop.create_task(self._fetch(kernel_id))
+        inflight = (loop, task)
+        self._inflight[kernel_id] = inflight
+
+        def done(finished: asyncio.Future[CachedKernel]) -> None:
+            if self._inflight.get(kernel_id) is inflight:
+                del self._inflight[kernel_id]
+            if not finished.cancelled():
+                finished.exception()  # retrieved, so a fetch nobody awaits any more does not warn
+
+        task.add_done_callback(done)
+        return await asyncio.shield(task)
 
     def get_sync(self, ref: str) -> CachedKernel:
-        if KERNEL_ID_RE.match(ref) and ref in self:
+        if KERNEL_ID_RE.fullmatch(ref) and ref in self:
             entry = self._hit(ref)
             if entry is not None:
                 return entry
@@ -137,17 +144,22 @@ class KernelCache:
 
     # -------------------------------------------------------------- tiers
     async def _fetch(self, kernel_id: str) -> CachedKernel:
-        failures = []
+        """Ask each tier in turn. A tier that fails, or whose artifact is refused (wrong id, digest
+        or signature; not loadable), is counted and the next tier is asked; a refused artifact is
+        never cached. When no tier delivers: the first refusal's error (typed) if there was one,
+        else KernelFetchError naming each failed tier, else UnknownKernelError."""
+        failures: list[str] = []
+        refused: ArtifactError | None = None
         for index, source in enumerate(self.sources):
             stats = self._stats[source.name]
             try:
                 artifact = await source.fetch(kernel_id)
-            except EsperError:
-                stats.errors += 1
-                raise
+            except UnknownKernelError:
+                artifact = None
             except Exception as err:
                 stats.errors += 1
                 failures.append(f"{source.name}: {type(err).__name__}: {err}")
+                log.warning("tier %s failed to fetch %s: %s", source.name, kernel_id, err)
                 continue
             if artifact is None:
                 stats.misses += 1
@@ -161,15 +173,22 @@ class KernelCache:
                     )
                 verify(artifact, self.signing_key)
                 template = await asyncio.to_thread(deserialize, artifact)
-            except ArtifactError:
+            except ArtifactError as err:
                 stats.rejected += 1
-                raise
+                failures.append(f"{source.name}: refused: {err}")
+                log.warning("tier %s: refused kernel %s: %s", source.name, kernel_id, err)
+                refused = refused or err
+                continue
             for earlier in self.sources[:index]:
                 try:
                     await earlier.store(artifact)
                 except Exception as err:  # a write-back is an optimisation, never a failure
                     log.warning("tier %s could not keep %s: %s", earlier.name, kernel_id, err)
             return self._insert(artifact.meta, template)
+        if refused is not None:
+            if len(failures) == 1:
+                raise refused
+            raise type(refused)(f"{refused} (every tier failed: {'; '.join(failures)})") from None
         if failures:
             raise KernelFetchError(f"kernel {kernel_id}: every tier failed: {'; '.join(failures)}")
         tiers = ", ".join([MEMORY, *(s.name for s in self.sources)])
