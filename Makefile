@@ -24,8 +24,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check libs benchmarks
-	$(BIN)/ruff format --check libs benchmarks
+	$(BIN)/ruff check libs benchmarks examples
+	$(BIN)/ruff format --check libs benchmarks examples
 	$(BIN)/mypy
 
 bench: $(STAMP)

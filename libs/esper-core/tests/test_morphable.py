@@ -610,3 +610,18 @@ async def test_deepcopy_gives_an_independent_model_sharing_the_cache(
     assert morphable.seeds("layer1")[0].state is S.ACTIVE
     await twin.load_kernel("layer1", 0, kernel_id)
     assert twin.layer("layer1") is not morphable.layer("layer1")
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), True])
+async def test_seed_alpha_forced_refuses_an_alpha_outside_the_unit_interval(
+    mlp: nn.Module, registry: esper.LocalKernelRegistry, cache: esper.KernelCache, alpha: float
+) -> None:
+    meta = low_rank(registry, mlp.layer1)
+    morphable = esper.wrap(mlp, kernels=cache)
+    await morphable.load_kernel("layer1", 0, meta.kernel_id, alpha=0.4)
+    with (
+        pytest.raises(esper.exceptions.AlphaRangeError, match="layer1"),
+        morphable.seed_alpha_forced("layer1", 0, alpha),
+    ):
+        pass
+    assert morphable.layer("layer1").layout.alpha[0].item() == pytest.approx(0.4)

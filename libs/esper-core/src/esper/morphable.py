@@ -12,7 +12,12 @@ import torch
 from torch import nn
 
 from esper._sync import run_sync
-from esper.exceptions import ConfigError, UnknownLayerError, UnsupportedHostError
+from esper.exceptions import (
+    AlphaRangeError,
+    ConfigError,
+    UnknownLayerError,
+    UnsupportedHostError,
+)
 from esper.kasmina.layer import KasminaLayer, SeedInfo
 from esper.kasmina.lifecycle import Listener
 from esper.kasmina.schedule import RampShape
@@ -165,6 +170,10 @@ class MorphableModel(nn.Module):
         """Evaluate as if the seed's α were `alpha` (the counterfactual of a contribution)."""
         kl = self.layer(layer)
         kl.check_index(seed_idx)
+        if isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:  # NaN fails both comparisons
+            raise AlphaRangeError(
+                f"forced α={alpha!r} for seed {seed_idx} of layer {layer!r} is outside [0, 1]"
+            )
         saved = kl.layout.alpha[seed_idx].clone()
         kl.layout.alpha[seed_idx].fill_(alpha)
         try:
