@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
@@ -79,19 +78,13 @@ class HostSignature(BaseModel):
             f"cannot wrap {type(module).__name__}: Kasmina hosts are nn.Linear and nn.Conv2d"
         )
 
-    def probe_input(
-        self,
-        batch: int = 2,
-        hw: Pair | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> torch.Tensor:
-        """A small input of the right shape; conv probes are large enough for the host's kernel."""
+    def input_shape(self, batch: int, hw: Pair | None = None) -> tuple[int, ...]:
+        """A small input shape for this host; conv inputs are large enough for its kernel."""
         if self.kind == "linear":
-            return torch.randn(batch, self.in_features, dtype=dtype, device=device)
+            return (batch, self.in_features)
         if hw is None:
             hw = (self.min_extent(0), self.min_extent(1))
-        return torch.randn(batch, self.in_features, *hw, dtype=dtype, device=device)
+        return (batch, self.in_features, *hw)
 
     def min_extent(self, dim: int) -> int:
         return max(8, self.dilation[dim] * (self.kernel_size[dim] - 1) + 1)

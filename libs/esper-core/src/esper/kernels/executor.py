@@ -32,17 +32,12 @@ def probe_input(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """A fixed input of the host's shape (see HostSignature.probe_input) drawn from its own
-    generator: probing a kernel never advances the caller's RNG, and compiling twice gives the
-    same bytes (torch.export saves its example inputs in the artifact)."""
-    if host.kind == "linear":
-        shape: tuple[int, ...] = (batch, host.in_features)
-    else:
-        if hw is None:
-            hw = (host.min_extent(0), host.min_extent(1))
-        shape = (batch, host.in_features, *hw)
+    """A fixed input of the host's shape drawn from its own generator: probing a kernel never
+    advances the caller's RNG, and compiling twice gives the same bytes (torch.export saves its
+    example inputs in the artifact)."""
     generator = torch.Generator().manual_seed(PROBE_SEED)
-    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    sample = torch.randn(host.input_shape(batch, hw), generator=generator)
+    return sample.to(device=device, dtype=dtype)
 
 
 def example_input(host: HostSignature) -> torch.Tensor:
