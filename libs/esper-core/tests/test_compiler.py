@@ -3,8 +3,6 @@ for many host geometries; determinism; measurements; refusals; signing."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -34,15 +32,6 @@ CONV = HostSignature(
     kind="conv2d", in_features=6, out_features=16, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1)
 )
 HOSTS = {"linear": LINEAR, "conv2d": CONV}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Two intra-op threads on a shared two-core machine make export several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def other_input(host: HostSignature, batch: int = 7) -> torch.Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -39,15 +38,6 @@ CONV = HostSignature(
     kind="conv2d", in_features=4, out_features=8, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1)
 )
 KEY = b"urza-signing-key"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Two intra-op threads on a shared two-core machine make export several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
