@@ -10,11 +10,10 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 PACKAGES := libs/esper-core
 TESTS := libs/esper-core/tests
 
-.PHONY: dev test lint bench demo clean
+.PHONY: dev test lint bench demo proto clean
 
 $(STAMP): constraints.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt $(foreach p,$(PACKAGES),-e "$(p)[dev]")
 	touch $(STAMP)
 
@@ -33,6 +32,10 @@ bench: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/grow_spirals.py
+
+# The JSON Schemas under proto/ are generated from esper.contracts; commit what this writes.
+proto: $(STAMP)
+	$(BIN)/python -m esper.contracts.proto --out proto
 
 clean:
 	rm -rf $(VENV)

@@ -69,3 +69,6 @@ def mlp() -> TinyMLP:
 @pytest.fixture
 def cnn() -> TinyCNN:
     return TinyCNN()
+
+
+pytest_plugins = ["esper.testing.pytest_plugin"]

@@ -1,30 +1,36 @@
 """Every error Esper raises on purpose.
 
     EsperError
-    ├── ConfigError                 a bad argument value (blend, ramp length)   ValueError
-    ├── UnknownLayerError           no wrapped layer of that name               LookupError
-    ├── UnsupportedHostError        a module Kasmina cannot wrap                TypeError
-    ├── SeedIndexError              seed index outside [0, seeds_per_layer)     IndexError
-    ├── SeedStateError              the seed's state does not allow the call
-    │   └── IllegalTransitionError  a lifecycle edge that does not exist
-    ├── AlphaError                                                              ValueError
-    │   ├── AlphaRangeError         α outside [0, 1]
-    │   └── LerpBudgetError         Σ α of lerp seeds would exceed 1
+    ├── ConfigError                     a bad argument value (blend, ramp length)     ValueError
+    ├── UnknownLayerError               no wrapped layer of that name                 LookupError
+    ├── UnsupportedHostError            a module Kasmina cannot wrap                  TypeError
+    ├── SeedIndexError                  seed index outside [0, seeds_per_layer)       IndexError
+    ├── SeedStateError                  the seed's state does not allow the call
+    │   └── IllegalTransitionError      a lifecycle edge that does not exist
+    ├── AlphaError                                                                    ValueError
+    │   ├── AlphaRangeError             α outside [0, 1]
+    │   └── LerpBudgetError             Σ α of lerp seeds would exceed 1
     ├── BlueprintError
-    │   ├── BlueprintSpecError      the spec itself is invalid                  ValueError
-    │   ├── UnknownBlueprintError   no blueprint of that name                   LookupError
-    │   └── BlueprintHostError      the blueprint cannot serve this host
-    ├── CompileError                instantiate / export / validate failed
-    └── KernelError
-        ├── UnknownKernelError      no kernel of that id or name                LookupError
-        ├── KernelFetchError        a cache tier failed to deliver
-        ├── KernelMismatchError     the kernel's output does not fit the host
-        │   ├── KernelShapeError
-        │   └── KernelDtypeError
-        └── ArtifactError           the artifact bytes cannot be trusted or read
-            ├── CorruptArtifactError
-            ├── DigestMismatchError
-            └── SignatureMismatchError
+    │   ├── BlueprintSpecError          the spec itself is invalid                    ValueError
+    │   ├── UnknownBlueprintError       no blueprint of that name                     LookupError
+    │   └── BlueprintHostError          the blueprint cannot serve this host
+    ├── CompileError                    instantiate / export / validate failed
+    ├── KernelError
+    │   ├── UnknownKernelError          no kernel of that id or name                  LookupError
+    │   ├── KernelFetchError            a cache tier failed to deliver
+    │   ├── KernelMismatchError         the kernel's output does not fit the host
+    │   │   ├── KernelShapeError
+    │   │   └── KernelDtypeError
+    │   └── ArtifactError               the artifact bytes cannot be trusted or read
+    │       ├── CorruptArtifactError
+    │       ├── DigestMismatchError
+    │       └── SignatureMismatchError
+    ├── MessageError                    a bus message that cannot be handled as sent
+    │   ├── MalformedMessageError       not JSON, or not an envelope
+    │   ├── UnknownMessageTypeError     no contract of that type
+    │   ├── UnsupportedVersionError     the type's schema version is not one we read
+    │   └── MessageValidationError      the payload does not fit its contract         ValueError
+    └── BusError                        Redis could not be reached in time
 
 Every message names the thing it is about (layer, seed index, kernel id, blueprint, op).
 """
@@ -137,3 +143,27 @@ class DigestMismatchError(ArtifactError):
 
 class SignatureMismatchError(ArtifactError):
     pass
+
+
+class MessageError(EsperError):
+    """A bus message that cannot be handled as sent; the consumer dead-letters it with this."""
+
+
+class MalformedMessageError(MessageError):
+    pass
+
+
+class UnknownMessageTypeError(MessageError):
+    pass
+
+
+class UnsupportedVersionError(MessageError):
+    pass
+
+
+class MessageValidationError(MessageError, ValueError):
+    pass
+
+
+class BusError(EsperError):
+    """Redis could not be reached within the configured time."""

@@ -25,7 +25,7 @@ LEGAL_TRANSITIONS: dict[SeedState, frozenset[SeedState]] = {
 
 @dataclass(frozen=True)
 class LifecycleEvent:
-    """One seed transition; the bus publishes these as `seed.transition` events."""
+    """One seed transition; the bus carries it as an `event.seed_transition` message."""
 
     layer: str
     seed: int

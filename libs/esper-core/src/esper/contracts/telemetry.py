@@ -1,0 +1,144 @@
+"""Telemetry: what a training job measured, per epoch or every K steps.
+
+Tamiyo decides from it and Nissa exports it, so an unmeasured value is `None`, never 0: a dead-unit
+fraction of 0 means "every unit fires", and a missing gradient norm must not look like a calm one.
+A metric that was measured but came out NaN or infinite is `None` here and named in `nonfinite`,
+so a diverging run is reported as diverging rather than as silent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import ClassVar, Literal, get_args
+
+from pydantic import ConfigDict, Field, model_validator
+
+from esper.contracts._types import (
+    NULL,
+    Blend,
+    Count,
+    Identifier,
+    KernelId,
+    LayerName,
+    NonNegative,
+    Part,
+    SeedIndex,
+    SeedStateName,
+    Unit,
+    fields_are,
+    when,
+)
+from esper.contracts.envelope import Message, register
+
+Metric = Literal["train_loss", "val_loss", "val_accuracy", "samples_per_s"]
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A measured value as a contract field wants it: NaN and ±inf (StateLayout's "not measured
+    yet" contribution, a diverged loss) become None."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+class LayerStats(Part):
+    """One wrapped layer's statistics over the reporting window."""
+
+    layer: LayerName
+    activation_mean: float | None = None
+    activation_variance: NonNegative | None = None
+    dead_fraction: Unit | None = Field(
+        default=None, description="fraction of output units that never activated in the window"
+    )
+    grad_norm: NonNegative | None = Field(
+        default=None, description="L2 norm of the host layer's parameter gradients"
+    )
+
+
+class SeedStats(Part):
+    """One seed slot's state; `contribution` is None until it has been measured."""
+
+    layer: LayerName
+    seed: SeedIndex
+    state: SeedStateName
+    alpha: Unit
+    kernel_id: KernelId | None = None
+    blend: Blend = "add"
+    contribution: float | None = Field(
+        default=None,
+        description="validation metric with the seed minus with its alpha forced to 0",
+    )
+    error_count: Count = 0
+
+
+@register
+class TelemetryReport(Message):
+    """A job's metrics at one point of training (`kind` says whether an epoch or a step ended)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                when("nonfinite", {"contains": {"const": m}}, fields_are(**{m: NULL}))
+                for m in get_args(Metric)
+            ]
+        }
+    )
+
+    TYPE: ClassVar[str] = "telemetry.report"
+    VERSION: ClassVar[int] = 1
+    TOPIC: ClassVar[str] = "telemetry"
+
+    job_id: Identifier
+    epoch: Count
+    step: Count
+    kind: Literal["epoch", "step"]
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_accuracy: Unit | None = None
+    samples_per_s: NonNegative | None = None
+    layers: list[LayerStats] = Field(default_factory=list, max_length=1024)
+    seeds: list[SeedStats] = Field(default_factory=list, max_length=4096)
+    nonfinite: list[Metric] = Field(
+        default_factory=list,
+        max_length=4,
+        description="metrics that were measured but were NaN or infinite (reported as null)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TelemetryReport:
+        for name in self.nonfinite:
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is listed as non-finite but has a value")
+        layers = [s.layer for s in self.layers]
+        if len(set(layers)) != len(layers):
+            raise ValueError("layers: a layer appears more than once")
+        slots = [(s.layer, s.seed) for s in self.seeds]
+        if len(set(slots)) != len(slots):
+            raise ValueError("seeds: a (layer, seed) slot appears more than once")
+        return self
+
+    @classmethod
+    def from_measurements(
+        cls,
+        *,
+        job_id: str,
+        epoch: int,
+        step: int,
+        kind: Literal["epoch", "step"],
+        metrics: dict[Metric, float | None],
+        layers: Iterable[LayerStats] = (),
+        seeds: Iterable[SeedStats] = (),
+    ) -> TelemetryReport:
+        """Build a report from raw measurements: a NaN or infinite metric becomes None and is
+        named in `nonfinite` instead of making the report invalid."""
+        clean = {name: finite_or_none(value) for name, value in metrics.items()}
+        bad = [n for n, v in metrics.items() if v is not None and clean[n] is None]
+        return cls(
+            job_id=job_id,
+            epoch=epoch,
+            step=step,
+            kind=kind,
+            **clean,
+            layers=list(layers),
+            seeds=list(seeds),
+            nonfinite=sorted(bad),
+        )
