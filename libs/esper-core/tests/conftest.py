@@ -1,14 +1,16 @@
-"""Shared fixtures: small real models and a fresh kernel registry + cache per test."""
+"""Shared fixtures: small real models, a kernel registry + cache, bus clients on real Redis."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import redis.asyncio as aioredis
 import torch
 from torch import nn
 
 import esper
+from esper.bus import BusSettings, Producer
 
 
 class TinyMLP(nn.Module):
@@ -49,6 +51,20 @@ def _one_torch_thread() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+async def client(bus_settings: BusSettings) -> AsyncIterator[aioredis.Redis]:
+    """A plain redis-py client on the test's server, for raw stream commands."""
+    redis = aioredis.Redis.from_url(bus_settings.redis_url)
+    yield redis
+    await redis.aclose()
+
+
+@pytest.fixture
+async def producer(bus_settings: BusSettings) -> AsyncIterator[Producer]:
+    async with Producer(bus_settings) as p:
+        yield p
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,13 +14,6 @@ from esper.contracts.envelope import Envelope
 from esper.exceptions import ConfigError
 from esper.testing import RedisServer
 from esper.testing.pytest_plugin import bus_settings_for
-
-
-@pytest.fixture
-async def client(bus_settings: BusSettings) -> AsyncIterator[aioredis.Redis]:
-    redis = aioredis.Redis.from_url(bus_settings.redis_url)
-    yield redis
-    await redis.aclose()
 
 
 def sample(step: int) -> Envelope:

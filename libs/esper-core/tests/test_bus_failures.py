@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
-import pytest
 import redis.asyncio as aioredis
 from bus_worker import Ping, wait_until
 
@@ -19,19 +17,6 @@ from esper.bus import (
     read_dead_letters,
 )
 from esper.contracts.envelope import Envelope
-
-
-@pytest.fixture
-async def client(bus_settings: BusSettings) -> AsyncIterator[aioredis.Redis]:
-    redis = aioredis.Redis.from_url(bus_settings.redis_url)
-    yield redis
-    await redis.aclose()
-
-
-@pytest.fixture
-async def producer(bus_settings: BusSettings) -> AsyncIterator[Producer]:
-    async with Producer(bus_settings) as p:
-        yield p
 
 
 def ping(n: int = 0) -> Envelope:

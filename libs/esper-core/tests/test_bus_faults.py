@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,13 +34,6 @@ from esper.testing import RedisServer
 from esper.testing.pytest_plugin import FAST_BUS, bus_settings_for
 
 WORKER = Path(__file__).with_name("bus_worker.py")
-
-
-@pytest.fixture
-async def client(bus_settings: BusSettings) -> AsyncIterator[aioredis.Redis]:
-    redis = aioredis.Redis.from_url(bus_settings.redis_url)
-    yield redis
-    await redis.aclose()
 
 
 def ping(n: int = 0, sleep_s: float = 0.0) -> Envelope:
