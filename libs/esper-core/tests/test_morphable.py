@@ -503,6 +503,24 @@ async def test_seed_retired_by_ramp_leaves_the_optimizer_when_recycled(
     assert group_names(optimizer) == [""]
 
 
+async def test_seed_retired_by_the_breaker_in_forward_leaves_the_optimizer_at_the_next_step(
+    mlp: nn.Module, registry: esper.LocalKernelRegistry, cache: esper.KernelCache
+) -> None:
+    meta = low_rank(registry, mlp.layer1)
+    morphable = esper.wrap(mlp, kernels=cache, error_threshold=1)
+    optimizer = torch.optim.SGD(morphable.host_parameters(), lr=1e-3)
+    morphable.attach_optimizer(optimizer)
+    await morphable.load_kernel("layer1", 0, meta.kernel_id, alpha=0.5)
+    morphable.step()  # nothing retired yet: the group stays
+    assert group_names(optimizer) == ["", "seed:layer1:0"]
+    with torch.no_grad():
+        for p in morphable.seed_parameters("layer1", 0):
+            p.fill_(float("nan"))
+    morphable(torch.randn(2, 16))  # non-finite output → the breaker retires it at once
+    morphable.step()
+    assert group_names(optimizer) == [""]
+
+
 async def test_reloading_a_slot_before_step_gets_a_fresh_group(
     mlp: nn.Module, registry: esper.LocalKernelRegistry, cache: esper.KernelCache
 ) -> None:

@@ -49,6 +49,7 @@ class MorphableModel(nn.Module):
         self.executor = executor or KernelExecutor()
         self._layers = layers  # a plain dict: the layers are registered inside `model`
         self._optimizers: list[tuple[torch.optim.Optimizer, dict[str, Any]]] = []
+        self._recycled_seen = 0
         for layer in layers.values():
             layer.kernel_loader = self._load_for_restore
         self.register_load_state_dict_post_hook(MorphableModel._after_load)
@@ -158,7 +159,12 @@ class MorphableModel(nn.Module):
         for layer in self._layers.values():
             layer.advance()
             layer.poll_health()
-        self._leave_optimizers()
+        # Seeds retired since the last look (a ramp ending here, the breaker in a forward) leave
+        # the optimizers; most steps retire nothing and skip the scan of every seed's params.
+        recycled = sum(layer.recycled for layer in self._layers.values())
+        if recycled != self._recycled_seen:
+            self._recycled_seen = recycled
+            self._leave_optimizers()
 
     def record_contribution(self, layer: str, seed_idx: int, value: float) -> None:
         kl = self.layer(layer)
@@ -252,6 +258,8 @@ class MorphableModel(nn.Module):
         optimizer.add_param_group(group)
 
     def _leave_optimizers(self) -> None:
+        if not self._optimizers:
+            return
         live = {id(p) for p in self.seed_parameters()}
         for optimizer, _ in self._optimizers:
             for group in list(optimizer.param_groups):

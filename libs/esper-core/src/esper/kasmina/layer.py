@@ -75,6 +75,7 @@ class KasminaLayer(nn.Module):
         self.guard_nonfinite = guard_nonfinite
         self.error_threshold = error_threshold
         self.kernel_loader: KernelLoader | None = None
+        self.recycled = 0  # slots recycled so far; owners compare it to notice retirements cheaply
         # Python mirrors of the layout: forward decides from these, never from device tensors.
         self._states = [SeedState.DORMANT] * num_seeds
         self._alphas = [0.0] * num_seeds
@@ -320,6 +321,7 @@ class KasminaLayer(nn.Module):
             self._ramps[seed] = ramp
 
     def _recycle(self, seed: int, reason: str) -> None:
+        self.recycled += 1
         kernel_id = self._kernel_ids[seed]
         self._write_alpha(seed, 0.0)
         self.lifecycle.transition(seed, SeedState.RECYCLING, reason, kernel_id)
