@@ -7,14 +7,16 @@ PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-PACKAGES := libs/esper-core
-TESTS := libs/esper-core/tests
+SERVICES := urza tolaria
+PACKAGES := libs/esper-core $(foreach s,$(SERVICES),services/$(s))
+TESTS := libs/esper-core/tests $(foreach s,$(SERVICES),services/$(s)/tests)
+LINTED := libs services benchmarks examples
 
 .PHONY: dev test lint bench demo proto clean
 
 $(STAMP): constraints.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -c constraints.txt $(foreach p,$(PACKAGES),-e "$(p)[dev]")
+	$(PIP) install --quiet -c constraints.txt -e "libs/esper-core[dev]" $(foreach s,$(SERVICES),-e services/$(s))
 	touch $(STAMP)
 
 dev: $(STAMP)
@@ -23,8 +25,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check libs benchmarks examples
-	$(BIN)/ruff format --check libs benchmarks examples
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
 bench: $(STAMP)

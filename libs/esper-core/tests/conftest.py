@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -11,6 +13,10 @@ from torch import nn
 
 import esper
 from esper.bus import BusSettings, Producer
+
+# Tests import helper modules that sit beside them (bus_worker, kit_demo_service); pytest runs in
+# importlib mode (every package has its own tests/), which does not put this directory on the path.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 class TinyMLP(nn.Module):

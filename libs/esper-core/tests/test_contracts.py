@@ -98,7 +98,7 @@ def test_every_contract_of_esper_is_registered_and_has_an_example() -> None:
 
 
 def test_every_contract_travels_on_one_of_the_four_topics() -> None:
-    assert TOPICS == ("telemetry", "control", "health", "events")
+    assert TOPICS == ("telemetry", "control", "health", "events", "jobs")
     for versions in contracts().values():
         for model in versions.values():
             assert model.TOPIC in TOPICS, model

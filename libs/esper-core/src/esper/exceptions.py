@@ -30,7 +30,8 @@
     │   ├── UnknownMessageTypeError     no contract of that type
     │   ├── UnsupportedVersionError     the type's schema version is not one we read
     │   └── MessageValidationError      the payload does not fit its contract         ValueError
-    └── BusError                        Redis could not be reached in time
+    ├── BusError                        Redis could not be reached in time
+    └── ServiceError                    a service answered an HTTP call with an error
 
 Every message names the thing it is about (layer, seed index, kernel id, blueprint, op).
 """
@@ -167,3 +168,15 @@ class MessageValidationError(MessageError, ValueError):
 
 class BusError(EsperError):
     """Redis could not be reached within the configured time."""
+
+
+class ServiceError(EsperError):
+    """A service answered with an error body: `status`, its `type` and `message` are kept, so a
+    caller can tell an unknown name (404) from bad input (422) from an outage (5xx)."""
+
+    def __init__(self, service: str, status: int, type: str, message: str) -> None:
+        super().__init__(f"{service}: {status} {type}: {message}")
+        self.service = service
+        self.status = status
+        self.type = type
+        self.message = message

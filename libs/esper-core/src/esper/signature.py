@@ -78,6 +78,21 @@ class HostSignature(BaseModel):
             f"cannot wrap {type(module).__name__}: Kasmina hosts are nn.Linear and nn.Conv2d"
         )
 
+    def reference_module(self) -> nn.Module:
+        """A fresh layer of this geometry, for checking a kernel where the real host is absent
+        (Urza probes an uploaded kernel against one)."""
+        if self.kind == "linear":
+            return nn.Linear(self.in_features, self.out_features)
+        return nn.Conv2d(
+            self.in_features,
+            self.out_features,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
+
     def input_shape(self, batch: int, hw: Pair | None = None) -> tuple[int, ...]:
         """A small input shape for this host; conv inputs are large enough for its kernel."""
         if self.kind == "linear":

@@ -52,18 +52,8 @@ def compile_blueprint(
     if fmt not in ("export", "torchscript"):
         raise CompileError(f"unknown kernel format {fmt!r}; use 'export' or 'torchscript'")
     kernel_id = compile_kernel_id(spec, signature, fmt)
-    sizes = f"{signature.in_features}→{signature.out_features}"
-    where = f"blueprint {spec.name!r} for {signature.kind} {sizes}"
-
-    module = instantiate(spec, signature, seed=int(kernel_id[4:12], 16))
-    example = example_input(signature)
-    expected_shape = signature.output_shape(tuple(example.shape))
-    with torch.no_grad():
-        out = module(example)
-    if tuple(out.shape) != expected_shape:
-        raise CompileError(f"{where}: output shape {tuple(out.shape)}, host gives {expected_shape}")
-    if torch.count_nonzero(out).item() != 0:
-        raise CompileError(f"{where}: not function-preserving (its output is not zero at init)")
+    where = _where(spec, signature)
+    module, example = _instantiate_checked(spec, signature, seed=int(kernel_id[4:12], 16))
 
     try:
         data = serialize(module, signature, fmt)
@@ -90,6 +80,32 @@ def compile_blueprint(
     artifact = KernelArtifact(meta, data)
     meta.latency_us = _validate_and_time(artifact, signature, where)
     return artifact.signed(signing_key) if signing_key else artifact
+
+
+def dry_run(spec: BlueprintSpec, host: HostSignature) -> None:
+    """The checks of a compile without the export: the blueprint instantiates for `host`, gives
+    the host's output shape and is function-preserving. Raises what `compile_blueprint` would."""
+    _instantiate_checked(spec, host, seed=0)
+
+
+def _where(spec: BlueprintSpec, host: HostSignature) -> str:
+    return f"blueprint {spec.name!r} for {host.kind} {host.in_features}→{host.out_features}"
+
+
+def _instantiate_checked(
+    spec: BlueprintSpec, host: HostSignature, seed: int
+) -> tuple[nn.Module, torch.Tensor]:
+    where = _where(spec, host)
+    module = instantiate(spec, host, seed=seed)
+    example = example_input(host)
+    expected_shape = host.output_shape(tuple(example.shape))
+    with torch.no_grad():
+        out = module(example)
+    if tuple(out.shape) != expected_shape:
+        raise CompileError(f"{where}: output shape {tuple(out.shape)}, host gives {expected_shape}")
+    if torch.count_nonzero(out).item() != 0:
+        raise CompileError(f"{where}: not function-preserving (its output is not zero at init)")
+    return module, example
 
 
 def _flops_per_sample(module: nn.Module, example: torch.Tensor) -> int:

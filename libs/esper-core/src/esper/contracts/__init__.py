@@ -3,6 +3,7 @@
 Topics and the messages they carry:
 
     telemetry   telemetry.report        TelemetryReport
+    jobs        job.queued              JobQueued
     control     control.decision        ControlDecision
     health      health.heartbeat        Heartbeat
     events      event.seed_transition   SeedTransition
@@ -34,6 +35,16 @@ from esper.contracts.envelope import (
 from esper.contracts.events import DecisionTaken, JobStatusChanged, KernelReady, SeedTransition
 from esper.contracts.examples import examples
 from esper.contracts.health import Heartbeat
+from esper.contracts.jobs import (
+    JobMetrics,
+    JobProgress,
+    JobQueued,
+    JobSpec,
+    JobSubmitted,
+    JobView,
+    SeedView,
+)
+from esper.contracts.kernels_api import CompileRequest, KernelLineage, KernelResult, KernelUpload
 from esper.contracts.telemetry import LayerStats, SeedStats, TelemetryReport, finite_or_none
 
 SCHEMA_VERSION = 1
@@ -46,6 +57,7 @@ MESSAGES: tuple[type[Message], ...] = (
     JobStatusChanged,
     KernelReady,
     DecisionTaken,
+    JobQueued,
 )
 """Every contract Esper itself defines (the registry may also hold ones a test registered)."""
 
@@ -54,6 +66,13 @@ API_BODIES: tuple[type[BaseModel], ...] = (
     HealthStatus,
     Readiness,
     Page,
+    CompileRequest,
+    KernelUpload,
+    KernelLineage,
+    KernelResult,
+    JobSpec,
+    JobView,
+    JobSubmitted,
 )
 
 __all__ = [
@@ -62,6 +81,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TOPICS",
     "Check",
+    "CompileRequest",
     "ControlDecision",
     "DecisionTaken",
     "Envelope",
@@ -69,14 +89,24 @@ __all__ = [
     "ErrorInfo",
     "HealthStatus",
     "Heartbeat",
+    "JobMetrics",
+    "JobProgress",
+    "JobQueued",
+    "JobSpec",
     "JobStatusChanged",
+    "JobSubmitted",
+    "JobView",
+    "KernelLineage",
     "KernelReady",
+    "KernelResult",
+    "KernelUpload",
     "LayerStats",
     "Message",
     "Page",
     "Readiness",
     "SeedStats",
     "SeedTransition",
+    "SeedView",
     "Strategy",
     "TelemetryReport",
     "clip",

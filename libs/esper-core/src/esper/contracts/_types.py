@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from esper.kernels.artifact import KERNEL_ID_RE
 
@@ -25,6 +25,18 @@ KernelId = Annotated[str, Field(pattern=KERNEL_ID_RE.pattern)]
 BlueprintName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{1,63}$")]
 Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
 Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]
+"""A kernel reference: a tag, or a kernel id (which has the same alphabet)."""
+
+
+def _not_a_kernel_id(tag: str) -> str:
+    if KERNEL_ID_RE.fullmatch(tag):
+        raise ValueError("a tag must not look like a kernel id (krn_ + 24 hex digits)")
+    return tag
+
+
+KernelTag = Annotated[Tag, AfterValidator(_not_a_kernel_id)]
+"""A name given to a kernel (`efficiency_kernel_v1`): never shaped like an id, so a reference
+is unambiguous."""
 ServiceName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_\-]{0,63}$")]
 
 Count = Annotated[int, Field(ge=0, le=MAX_SAFE_INT)]

@@ -26,7 +26,7 @@ from esper.exceptions import (
     UnsupportedVersionError,
 )
 
-TOPICS = ("telemetry", "control", "health", "events")
+TOPICS = ("telemetry", "control", "health", "events", "jobs")
 TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 
 

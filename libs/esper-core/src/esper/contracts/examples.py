@@ -8,6 +8,7 @@ from esper.contracts.control import ControlDecision
 from esper.contracts.envelope import Message
 from esper.contracts.events import DecisionTaken, JobStatusChanged, KernelReady, SeedTransition
 from esper.contracts.health import Heartbeat
+from esper.contracts.jobs import JobQueued
 from esper.contracts.telemetry import LayerStats, SeedStats, TelemetryReport
 from esper.signature import HostSignature
 
@@ -162,4 +163,5 @@ def examples() -> dict[type[Message], list[Message]]:
                 layer="layer1",
             ),
         ],
+        JobQueued: [JobQueued(job_id=JOB)],
     }

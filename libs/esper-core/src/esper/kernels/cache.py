@@ -156,6 +156,11 @@ class KernelCache:
                 artifact = await source.fetch(kernel_id)
             except UnknownKernelError:
                 artifact = None
+            except ArtifactError as err:  # the tier itself saw the bytes were not the kernel
+                stats.rejected += 1
+                failures.append(f"{source.name}: refused: {err}")
+                refused = refused or err
+                continue
             except Exception as err:
                 stats.errors += 1
                 failures.append(f"{source.name}: {type(err).__name__}: {err}")

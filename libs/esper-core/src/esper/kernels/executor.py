@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
 import types
 import warnings
 from typing import Any
@@ -47,6 +48,11 @@ def example_input(host: HostSignature) -> torch.Tensor:
     return probe_input(host, batch=EXAMPLE_BATCH, hw=hw)
 
 
+# torch.export keeps module-global state while it saves and loads (a load running while another
+# does fails with "_CURRENT_DESERIALIZER is already set"), and caches deserialize in threads.
+_EXPORT_LOCK = threading.Lock()
+
+
 def serialize(module: nn.Module, host: HostSignature, fmt: KernelFormat) -> bytes:
     """Export (batch, and for conv H and W, dynamic) or script `module`; return the file bytes."""
     module = module.train()
@@ -55,8 +61,9 @@ def serialize(module: nn.Module, host: HostSignature, fmt: KernelFormat) -> byte
         dims: dict[int, Any] = {0: Dim.AUTO}
         if host.kind == "conv2d":
             dims.update({2: Dim.AUTO, 3: Dim.AUTO})
-        program = torch.export.export(module, (example_input(host),), dynamic_shapes=(dims,))
-        torch.export.save(program, buffer)
+        with _EXPORT_LOCK:
+            program = torch.export.export(module, (example_input(host),), dynamic_shapes=(dims,))
+            torch.export.save(program, buffer)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -71,7 +78,8 @@ def deserialize(artifact: KernelArtifact) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             if meta.format == "export":
-                module: nn.Module = torch.export.load(io.BytesIO(artifact.data)).module()
+                with _EXPORT_LOCK:
+                    module: nn.Module = torch.export.load(io.BytesIO(artifact.data)).module()
                 # ExportedProgram.module() shadows train()/eval() with methods that raise, so a
                 # model holding the kernel as a submodule could no longer call model.train() or
                 # model.eval(). The graph has no modes (blueprints have no dropout or batch norm),

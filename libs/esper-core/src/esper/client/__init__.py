@@ -1,0 +1,5 @@
+"""HTTP clients of Esper's services."""
+
+from esper.client.urza import UrzaClient
+
+__all__ = ["UrzaClient"]

@@ -1,0 +1,328 @@
+"""Training jobs: what a user submits to Tolaria (`JobSpec`, JSON or YAML) and what Tolaria
+reports back about a job (`JobView`).
+
+A spec says *what* to train — a model from the built-in zoo or a declarative layer list, a data
+set (synthetic, or files under Tolaria's data directory), training settings, morphogenesis
+settings. Sizes that depend on the data (input width, number of classes) are inferred from the
+data set, so a spec never repeats them. Tolaria builds the model and opens the data when a job is
+submitted, so a spec that names a layer the model lacks or a file that does not fit is refused
+with 422 before anything is queued.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from esper.contracts._types import (
+    Count,
+    Identifier,
+    JobStatus,
+    KernelId,
+    LayerName,
+    SeedIndex,
+    SeedStateName,
+    Text,
+    Timestamp,
+    Unit,
+)
+from esper.contracts.envelope import Message, register
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+HostKind = Literal["linear", "conv2d"]
+HOST_KINDS: tuple[HostKind, ...] = ("linear", "conv2d")
+Activation = Literal["relu", "tanh", "gelu", "silu"]
+Width = Annotated[int, Field(ge=1, le=65536)]
+
+
+# ------------------------------------------------------------------ models
+class MLPModel(_Spec):
+    """Linear layers of the given hidden widths, then one to the classes. Layers are named
+    `0, 2, 4, …` (the `nn.Sequential` indices), the last one is the classifier."""
+
+    kind: Literal["mlp"] = "mlp"
+    hidden: list[Width] = Field(default_factory=lambda: [64, 64], max_length=32)
+    activation: Activation = "relu"
+
+
+class CNNModel(_Spec):
+    """Conv blocks (3×3 conv, activation, 2×2 max-pool) of the given channels, global average
+    pooling, then a classifier. For image data ([C, H, W] samples)."""
+
+    kind: Literal["cnn"] = "cnn"
+    channels: list[Width] = Field(default_factory=lambda: [16, 32], min_length=1, max_length=8)
+    hidden: Width = 64
+    activation: Activation = "relu"
+
+
+class ResNetModel(_Spec):
+    """A small ResNet for 32×32 images: a stem, three stages of basic blocks (widths ×1, ×2,
+    ×4, stride 2 between stages), global average pooling, a classifier."""
+
+    kind: Literal["resnet"] = "resnet"
+    width: Width = 16
+    blocks: list[Annotated[int, Field(ge=1, le=8)]] = Field(
+        default_factory=lambda: [1, 1, 1], min_length=1, max_length=4
+    )
+
+
+class LayerDef(_Spec):
+    """One entry of a declarative model. Sizes of the input side are inferred."""
+
+    type: Literal[
+        "linear",
+        "conv2d",
+        "relu",
+        "tanh",
+        "gelu",
+        "silu",
+        "flatten",
+        "maxpool2d",
+        "avgpool2d",
+        "global_avgpool",
+        "batchnorm2d",
+        "groupnorm",
+        "dropout",
+    ]
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    out: Width | Literal["classes"] | None = Field(
+        default=None,
+        description="output width (linear) or channels (conv2d); 'classes' for the head",
+    )
+    kernel_size: Annotated[int, Field(ge=1, le=15)] = 3
+    stride: Annotated[int, Field(ge=1, le=8)] = 1
+    padding: Annotated[int, Field(ge=0, le=8)] | Literal["same"] = "same"
+    groups: Annotated[int, Field(ge=1, le=64)] = 8
+    p: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+
+    @model_validator(mode="after")
+    def _sizes(self) -> LayerDef:
+        if self.type in ("linear", "conv2d") and self.out is None:
+            raise ValueError(f"a {self.type} layer needs `out`")
+        return self
+
+
+class LayersModel(_Spec):
+    """A declarative model: layers in order, named by `name` or by position."""
+
+    kind: Literal["layers"] = "layers"
+    layers: list[LayerDef] = Field(min_length=1, max_length=128)
+
+
+ModelSpec = Annotated[MLPModel | CNNModel | ResNetModel | LayersModel, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------- datasets
+class Split(_Spec):
+    """Held-out fractions: validation (what seeds are judged on) and test (reported at the end,
+    never used for a decision) are disjoint."""
+
+    validation: Annotated[float, Field(gt=0.0, lt=0.9)] = 0.2
+    test: Annotated[float, Field(ge=0.0, lt=0.9)] = 0.1
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> Split:
+        if self.validation + self.test >= 0.95:
+            raise ValueError("validation + test must leave at least 5% for training")
+        return self
+
+
+class SyntheticData(_Spec):
+    """Generated 2-D classification sets (blobs may have more features and classes)."""
+
+    kind: Literal["spirals", "moons", "circles", "blobs", "checkerboard"]
+    samples: Annotated[int, Field(ge=20, le=2_000_000)] = 2000
+    noise: Annotated[float, Field(ge=0.0, le=5.0)] = 0.1
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    classes: Annotated[int, Field(ge=2, le=100)] = 2
+    features: Annotated[int, Field(ge=2, le=4096)] = 2
+    split: Split = Field(default_factory=Split)
+
+    @model_validator(mode="after")
+    def _shape(self) -> SyntheticData:
+        if self.kind != "blobs" and self.features != 2:
+            raise ValueError(f"{self.kind} is 2-D: only blobs take `features`")
+        if self.kind in ("moons", "circles") and self.classes != 2:
+            raise ValueError(f"{self.kind} has 2 classes")
+        return self
+
+
+def _inside(path: str) -> str:
+    if any(part == ".." for part in path.split("/")):
+        raise ValueError("must stay inside the data directory: no `..` segments")
+    return path
+
+
+RelativePath = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=512,
+        pattern=r"^[A-Za-z0-9_.\-][A-Za-z0-9_.\-/]*$",
+        description="relative to Tolaria's data directory; no `..`",
+    ),
+    AfterValidator(_inside),
+]
+
+
+class FileData(_Spec):
+    """Files under the data directory.
+
+    - `npz`: arrays `x` (samples first) and `y` (integer labels) — names configurable;
+    - `csv`: numeric columns, the label in `label_column` (default: the last), optional header;
+    - `mnist`: a directory holding the IDX files (`train-images-idx3-ubyte`,
+      `train-labels-idx1-ubyte`, optionally gzipped);
+    - `cifar10`: a directory holding the python batches (`data_batch_1` … and `batches.meta`).
+    """
+
+    kind: Literal["npz", "csv", "mnist", "cifar10"]
+    path: RelativePath
+    x_key: str = "x"
+    y_key: str = "y"
+    label_column: int = -1
+    limit: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="use only the first N samples"
+    )
+    split: Split = Field(default_factory=Split)
+
+
+DatasetSpec = Annotated[SyntheticData | FileData, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------- training
+class TrainingSpec(_Spec):
+    epochs: Annotated[int, Field(ge=1, le=100_000)] = 20
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    step_size: Annotated[int, Field(ge=1)] = 10
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    telemetry_every_steps: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="also report every K steps (null: once per epoch only)"
+    )
+
+
+class MorphogenesisSpec(_Spec):
+    enabled: bool = True
+    seeds_per_layer: Annotated[int, Field(ge=1, le=16)] = 2
+    layers: list[LayerName] | None = Field(
+        default=None, max_length=256, description="wrap these layers (null: by `layer_types`)"
+    )
+    layer_types: list[HostKind] = Field(default_factory=lambda: list(HOST_KINDS), min_length=1)
+    blend: Literal["add", "lerp"] | None = Field(
+        default=None, description="null: each kernel's default blend"
+    )
+    ramp_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
+    grad_isolation: bool = False
+    seed_lr: Annotated[float, Field(gt=0.0, le=10.0)] | None = Field(
+        default=None, description="null: the training lr"
+    )
+    max_seeds: Annotated[int, Field(ge=0, le=4096)] = 4
+    kernel_format: Literal["export", "torchscript"] = "export"
+    publish_kernels: bool = Field(
+        default=False, description="at the end, upload each trained ACTIVE seed to Urza"
+    )
+
+
+class JobSpec(_Spec):
+    name: str | None = Field(default=None, max_length=128)
+    submission_id: Identifier | None = Field(
+        default=None, description="submitting the same id again returns the same job"
+    )
+    model: ModelSpec
+    dataset: DatasetSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    morphogenesis: MorphogenesisSpec = Field(default_factory=MorphogenesisSpec)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> JobSpec:
+        """A spec from YAML (or JSON, which is YAML). Validation errors are pydantic's."""
+        data: Any = yaml.safe_load(text)
+        return cls.model_validate(data)
+
+
+# -------------------------------------------------------------------- views
+class JobProgress(_Spec):
+    epoch: Count = 0
+    epochs: Count = 0
+    step: Count = 0
+    fraction: Unit = 0.0
+
+
+class JobMetrics(_Spec):
+    """The latest measured values; null until measured (never 0 for unmeasured)."""
+
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_accuracy: Unit | None = None
+    test_loss: float | None = None
+    test_accuracy: Unit | None = None
+    samples_per_s: Annotated[float, Field(ge=0.0)] | None = None
+
+
+class SeedView(_Spec):
+    layer: LayerName
+    seed: SeedIndex
+    state: SeedStateName
+    alpha: Unit
+    kernel_id: KernelId | None = None
+    blueprint: str | None = None
+    contribution: float | None = None
+    germinated_epoch: Count | None = None
+
+
+class JobView(_Spec):
+    """`GET /jobs/{id}`."""
+
+    job_id: Identifier
+    submission_id: Identifier | None = None
+    name: str | None = None
+    status: JobStatus
+    attempt: Annotated[int, Field(ge=0, le=1000)] = 0
+    worker: str | None = Field(
+        default=None, max_length=128, description="the Tolaria instance running the latest attempt"
+    )
+    created_at: Timestamp
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
+    progress: JobProgress = Field(default_factory=JobProgress)
+    metrics: JobMetrics = Field(default_factory=JobMetrics)
+    seeds: list[SeedView] = Field(default_factory=list, max_length=4096)
+    error: Text | None = None
+    stop_requested: bool = False
+    has_checkpoint: bool = False
+    spec: JobSpec
+
+
+class JobSubmitted(_Spec):
+    """`POST /jobs` → 202."""
+
+    job_id: Identifier
+    status: JobStatus
+    created: bool = Field(description="false when `submission_id` named an existing job")
+
+
+# -------------------------------------------------------------------- queue
+@register
+class JobQueued(Message):
+    """A job waiting for a Tolaria worker, on the `jobs` stream that workers consume as a group.
+    A worker that dies leaves the entry pending; another claims it and resumes the job from its
+    last checkpoint."""
+
+    TYPE: ClassVar[str] = "job.queued"
+    VERSION: ClassVar[int] = 1
+    TOPIC: ClassVar[str] = "jobs"
+
+    job_id: Identifier

@@ -1,0 +1,111 @@
+"""The one error shape of every service: `{"error": {type, message, location, details}}`.
+
+Routes raise `ApiError` (an HTTPException); the handlers installed by `create_app` turn it, a
+request that fails validation, a route that does not exist and an unexpected crash into an
+`ErrorBody`, so a client parses every failure of every service the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from esper.contracts.api import ErrorBody
+
+log = logging.getLogger("esper.service")
+
+_TYPE_OF_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+class ApiError(StarletteHTTPException):
+    """An HTTP error with a machine-readable `type` and, for bad input, where it is."""
+
+    def __init__(
+        self,
+        status_code: int,
+        type: str,
+        message: str,
+        location: list[str | int] | None = None,
+        headers: dict[str, str] | None = None,
+        **details: Any,
+    ) -> None:
+        super().__init__(status_code, message, headers)
+        self.body = ErrorBody.of(type, message[:4000], location, **details)
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` documenting that these status codes return an ErrorBody."""
+    return {code: {"model": ErrorBody} for code in codes}
+
+
+def error_response(
+    status: int, body: ErrorBody, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        body.model_dump(mode="json"), status_code=status, headers=dict(headers or {})
+    )
+
+
+def _location(loc: Sequence[Any]) -> list[str | int]:
+    return [part if isinstance(part, int) else str(part) for part in loc][:32]
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status_code, exc.body, exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    kind = _TYPE_OF_STATUS.get(exc.status_code, "error" if exc.status_code < 500 else "internal")
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no route {request.method} {request.url.path}"
+    return error_response(exc.status_code, ErrorBody.of(kind, message[:4000]), exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    location = _location(first.get("loc", ()))
+    where = ".".join(str(p) for p in location) or "request"
+    message = f"{where}: {first.get('msg', 'invalid')}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more)"
+    summary = [
+        {"location": _location(e.get("loc", ())), "message": str(e.get("msg", ""))[:500]}
+        for e in errors[:20]
+    ]
+    return error_response(422, ErrorBody.of("validation_error", message, location, errors=summary))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    message = f"internal error ({type(exc).__name__}); the service log has the traceback"
+    return error_response(500, ErrorBody.of("internal", message))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,524 @@
+"""SeedOrchestrator: executes control decisions on a MorphableModel inside a training job.
+
+A decision arrives from Tamiyo (or an operator) over the bus; the job's runner hands it to
+`execute`, which checks it against the model, gets a kernel (a published id or tag as is, or one
+compiled for the blueprint and this layer by a KernelProvider), loads it, starts the α ramp, and
+answers with a DecisionTaken. Every lifecycle transition is emitted as a SeedTransition.
+
+The orchestrator knows nothing of HTTP or Redis: it takes a provider and an `emit` callable, so
+the same code runs in Tolaria's worker, in a notebook, and in the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, cast
+
+import torch
+
+from esper.contracts._types import SeedStateName, clip
+from esper.contracts.control import ControlDecision
+from esper.contracts.envelope import Message
+from esper.contracts.events import DecisionTaken, SeedTransition
+from esper.contracts.jobs import MorphogenesisSpec, SeedView
+from esper.contracts.telemetry import finite_or_none
+from esper.exceptions import ConfigError
+from esper.kasmina.layer import KasminaLayer, SeedInfo
+from esper.kasmina.lifecycle import LifecycleEvent
+from esper.kasmina.state import RUNNING_STATES, SeedState
+from esper.kernels.artifact import KernelFormat
+from esper.morphable import MorphableModel
+from esper.training.providers import KernelProvider
+
+log = logging.getLogger(__name__)
+
+SeedKey = tuple[str, int]
+Outcome = Literal["applied", "refused"]
+STATE_VERSION = 1
+
+
+@dataclass
+class SeedRecord:
+    """What the orchestrator knows about a seed beyond the model's own state: where it came from
+    (the model keeps only the kernel id) and what was decided about it."""
+
+    layer: str
+    seed: int
+    kernel_id: str | None
+    blueprint: str | None = None
+    decision_id: str | None = None
+    germinated_step: int | None = None
+    germinated_epoch: int | None = None
+    kept_step: int | None = None
+    kept_epoch: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SeedRecord:
+        return cls(**data)
+
+
+class _Refusal(Exception):
+    """Flow control inside execute(): the decision cannot be applied, for `reason`."""
+
+    def __init__(self, reason: str, seed: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.seed = seed
+
+
+class SeedOrchestrator:
+    """Applies ControlDecisions to one job's MorphableModel and keeps per-seed records.
+
+    The runner calls `attach()` once, `on_step(step)` as training advances (so transition events
+    carry the step), `execute(decision, step=, epoch=)` for each decision, `measure(evaluate)` at
+    evaluation time, and stores `state_dict()` in its checkpoints next to the model's.
+
+    Decisions are executed one at a time (an asyncio lock), so two germinations in flight cannot
+    pick the same free slot or both slip under `max_seeds`. The model must not be stepping while a
+    decision is applied; the runner awaits `execute` between optimizer steps.
+    """
+
+    def __init__(
+        self,
+        morphable: MorphableModel,
+        job_id: str,
+        provider: KernelProvider,
+        spec: MorphogenesisSpec,
+        emit: Callable[[Message], None],
+        *,
+        kernel_format: KernelFormat | None = None,
+        default_alpha: float = 1.0,
+        max_remembered: int = 10_000,
+    ) -> None:
+        if max_remembered < 1:
+            raise ConfigError(f"max_remembered must be ≥ 1, got {max_remembered}")
+        if not 0.0 <= default_alpha <= 1.0:
+            raise ConfigError(f"default_alpha must be in [0, 1], got {default_alpha}")
+        self.morphable = morphable
+        self.job_id = job_id
+        self.provider = provider
+        self.spec = spec
+        self.emit = emit
+        # None: the job's own choice (spec.kernel_format), so a spec asking for TorchScript gets it.
+        self.kernel_format: KernelFormat = kernel_format or spec.kernel_format
+        self.default_alpha = default_alpha
+        self.max_remembered = max_remembered
+        self.step = 0
+        # Decision id → the answer given; oldest first, so the bound forgets the oldest.
+        self._outcomes: OrderedDict[str, DecisionTaken] = OrderedDict()
+        self._records: dict[SeedKey, SeedRecord] = {}
+        self._contributions: dict[SeedKey, float] = {}
+        self._lock = asyncio.Lock()
+        self._attached = False
+
+    # ------------------------------------------------------------ events
+    def attach(self) -> None:
+        """Emit a SeedTransition for every lifecycle transition of the model's seeds from now on
+        (calling it again does not register a second listener)."""
+        if self._attached:
+            return
+        self.morphable.add_listener(self._on_transition)
+        self._attached = True
+
+    def detach(self) -> None:
+        """Stop emitting transitions (a replaced orchestrator must not report twice)."""
+        if not self._attached:
+            return
+        for layer in self.morphable.layers.values():
+            listeners = layer.lifecycle.listeners
+            listeners[:] = [fn for fn in listeners if fn != self._on_transition]
+        self._attached = False
+
+    def on_step(self, step: int) -> None:
+        """The step now running. Call it before each step's forward: transitions inside the step
+        (a ramp ending in `morphable.step()`, the circuit breaker in forward) then carry it."""
+        self.step = step
+
+    def _on_transition(self, event: LifecycleEvent) -> None:
+        self._send(SeedTransition.from_lifecycle(event, self.job_id, self.step))
+
+    def _send(self, message: Message) -> None:
+        # A failing publisher must not stop training nor leave a decision half-answered; the
+        # lifecycle manager treats its listeners the same way.
+        try:
+            self.emit(message)
+        except Exception:
+            log.exception("job %s: emitting %s failed", self.job_id, message.TYPE)
+
+    # --------------------------------------------------------- decisions
+    def outcome(self, decision_id: str) -> DecisionTaken | None:
+        """The answer already given to `decision_id`, if it is still remembered."""
+        return self._outcomes.get(decision_id)
+
+    async def execute(self, decision: ControlDecision, *, step: int, epoch: int) -> DecisionTaken:
+        """Apply `decision` and return (and emit) the DecisionTaken.
+
+        Never raises for a decision that cannot be applied: the answer is `refused`, with a reason
+        that names the problem, and the model is left as it was. A decision id answered before
+        returns that answer again, without acting and without emitting it a second time.
+        """
+        earlier = self._outcomes.get(decision.decision_id)
+        if earlier is not None:
+            return earlier
+        async with self._lock:
+            earlier = self._outcomes.get(decision.decision_id)  # the same id was in flight
+            if earlier is not None:
+                return earlier
+            self.step = step
+            try:
+                outcome = await self._apply(decision, step, epoch)
+            except Exception as err:  # a bug here must not end the job; the answer says what broke
+                log.exception("job %s: decision %s failed", self.job_id, decision.decision_id)
+                outcome = self._answer(
+                    decision, "refused", f"internal error: {type(err).__name__}: {err}", None
+                )
+            self._remember(outcome)
+        if outcome.outcome == "applied":
+            log.info(
+                "job %s: decision %s applied: %s", self.job_id, outcome.decision_id, outcome.reason
+            )
+        else:
+            log.warning(
+                "job %s: decision %s refused: %s", self.job_id, outcome.decision_id, outcome.reason
+            )
+        self._send(outcome)
+        return outcome
+
+    def _remember(self, outcome: DecisionTaken) -> None:
+        self._outcomes[outcome.decision_id] = outcome
+        while len(self._outcomes) > self.max_remembered:
+            self._outcomes.popitem(last=False)
+
+    def _answer(
+        self, decision: ControlDecision, outcome: Outcome, reason: str, seed: int | None
+    ) -> DecisionTaken:
+        # The answer carries this job's id, which is true of who answered; for a decision sent to
+        # another job the reason names both.
+        return DecisionTaken(
+            decision_id=decision.decision_id,
+            job_id=self.job_id,
+            action=decision.action,
+            outcome=outcome,
+            reason=clip(reason),
+            layer=decision.layer,
+            seed=seed,
+        )
+
+    async def _apply(self, d: ControlDecision, step: int, epoch: int) -> DecisionTaken:
+        try:
+            if d.job_id != self.job_id:
+                raise _Refusal(
+                    f"decision {d.decision_id} is for job {d.job_id!r}, not for this job "
+                    f"{self.job_id!r}",
+                    d.seed,
+                )
+            kl = self._layer(d)
+            if d.action == "germinate":
+                slot, reason = await self._germinate(d, kl, step, epoch)
+            elif d.action == "retire":
+                slot, reason = self._retire(d, kl)
+            elif d.action == "keep":
+                slot, reason = self._keep(d, kl, step, epoch)
+            else:
+                slot, reason = self._set_alpha(d, kl)
+        except _Refusal as refusal:
+            return self._answer(d, "refused", refusal.reason, refusal.seed)
+        return self._answer(d, "applied", reason, slot)
+
+    def _layer(self, d: ControlDecision) -> KasminaLayer:
+        names = self.morphable.layer_names()
+        if d.layer not in names:
+            raise _Refusal(f"unknown layer {d.layer!r}; wrapped layers: {', '.join(names)}", d.seed)
+        return self.morphable.layer(d.layer)
+
+    @staticmethod
+    def _slot(d: ControlDecision, kl: KasminaLayer) -> int:
+        if d.seed is None:
+            raise _Refusal(f"{d.action} names no seed of layer {kl.layer_name!r}")
+        if d.seed >= kl.num_seeds:
+            raise _Refusal(
+                f"seed {d.seed} is out of range: layer {kl.layer_name!r} has {kl.num_seeds} "
+                f"seed slots (0-{kl.num_seeds - 1})",
+                d.seed,
+            )
+        return d.seed
+
+    @staticmethod
+    def _describe(info: SeedInfo) -> str:
+        kernel = f" (kernel {info.kernel_id})" if info.kernel_id else ""
+        return f"seed {info.seed} of layer {info.layer!r} is {info.state.name}{kernel}"
+
+    def _require_active(self, d: ControlDecision, kl: KasminaLayer) -> int:
+        slot = self._slot(d, kl)
+        info = kl.seed_info(slot)
+        if info.state is not SeedState.ACTIVE:
+            raise _Refusal(f"cannot {d.action}: {self._describe(info)}, not ACTIVE", slot)
+        return slot
+
+    async def _germinate(
+        self, d: ControlDecision, kl: KasminaLayer, step: int, epoch: int
+    ) -> tuple[int, str]:
+        name = kl.layer_name
+        if not self.spec.enabled:
+            raise _Refusal("morphogenesis is disabled for this job", d.seed)
+        if d.seed is None:
+            free = kl.free_seeds()
+            if not free:
+                states = ", ".join(kl.seed_info(i).state.name for i in range(kl.num_seeds))
+                raise _Refusal(f"no free seed slot in layer {name!r} (slots: {states})")
+            slot = free[0]
+        else:
+            slot = self._slot(d, kl)
+            info = kl.seed_info(slot)
+            if info.state is not SeedState.DORMANT:
+                raise _Refusal(
+                    f"cannot germinate: {self._describe(info)}, not DORMANT; retire it first", slot
+                )
+        held = sum(1 for s in self.morphable.seeds() if s.state is not SeedState.DORMANT)
+        if held >= self.spec.max_seeds:
+            raise _Refusal(
+                f"max_seeds reached: the job holds {held} seed(s) and max_seeds is "
+                f"{self.spec.max_seeds}",
+                slot,
+            )
+
+        if d.kernel is not None:
+            kernel_ref = d.kernel  # a published id or tag: the hot-swap case, loaded as is
+        else:
+            assert d.blueprint is not None  # the contract requires exactly one of the two
+            try:
+                kernel_ref = await self.provider.kernel_for(
+                    d.blueprint, kl.signature, self.kernel_format
+                )
+            except Exception as err:
+                raise _Refusal(
+                    f"no kernel for blueprint {d.blueprint!r} on layer {name!r} "
+                    f"({kl.signature.kind} {kl.signature.in_features}→"
+                    f"{kl.signature.out_features}): {type(err).__name__}: {err}",
+                    slot,
+                ) from None
+
+        blend = d.blend or self.spec.blend
+        try:
+            # On failure the lifecycle returns the slot to DORMANT and says why in an event.
+            info = await self.morphable.load_kernel(
+                name, slot, kernel_ref, blend=blend, grad_isolation=self.spec.grad_isolation
+            )
+        except Exception as err:
+            raise _Refusal(
+                f"loading kernel {kernel_ref} into seed {slot} of layer {name!r} failed: "
+                f"{type(err).__name__}: {err}",
+                slot,
+            ) from None
+
+        target = self.default_alpha if d.alpha is None else d.alpha
+        steps = d.ramp_steps or self.spec.ramp_steps
+        try:
+            self._move_alpha(name, slot, target, steps)
+        except Exception as err:
+            # The kernel loaded but cannot reach its α (the lerp budget of the layer, say): a
+            # germination is all or nothing, so the seed leaves again rather than idle at α=0.
+            self.morphable.unload_seed(name, slot, reason=f"decision {d.decision_id}: {err}")
+            raise _Refusal(
+                f"cannot ramp seed {slot} of layer {name!r} to α={target}: "
+                f"{type(err).__name__}: {err}",
+                slot,
+            ) from None
+
+        key = (name, slot)
+        self._records[key] = SeedRecord(
+            layer=name,
+            seed=slot,
+            kernel_id=info.kernel_id,
+            blueprint=d.blueprint,
+            decision_id=d.decision_id,
+            germinated_step=step,
+            germinated_epoch=epoch,
+        )
+        self._contributions.pop(key, None)  # a measurement of the slot's previous seed
+        source = f"blueprint {d.blueprint}" if d.blueprint else f"kernel {d.kernel}"
+        ramp = f"over {steps} steps" if steps else "at once"
+        return slot, (
+            f"germinated seed {slot} of layer {name!r} from {source} as {info.kernel_id} "
+            f"(blend {info.blend.value}); α → {target} {ramp}"
+        )
+
+    def _move_alpha(self, layer: str, slot: int, target: float, steps: int) -> None:
+        if steps > 0:
+            self.morphable.ramp_seed_alpha(layer, slot, target, steps)
+        else:
+            self.morphable.set_seed_alpha(layer, slot, target)
+
+    def _retire(self, d: ControlDecision, kl: KasminaLayer) -> tuple[int, str]:
+        slot = self._require_active(d, kl)
+        try:
+            self.morphable.retire_seed(
+                kl.layer_name,
+                slot,
+                ramp_steps=d.ramp_steps,
+                reason=f"decision {d.decision_id}: {d.reason}",
+            )
+        except Exception as err:
+            raise _Refusal(f"cannot retire: {type(err).__name__}: {err}", slot) from None
+        ramp = f"α → 0 over {d.ramp_steps} steps" if d.ramp_steps else "at once"
+        return slot, f"retiring seed {slot} of layer {kl.layer_name!r}, {ramp}"
+
+    def _keep(self, d: ControlDecision, kl: KasminaLayer, step: int, epoch: int) -> tuple[int, str]:
+        slot = self._require_active(d, kl)
+        info = kl.seed_info(slot)
+        record = self._record_for(info)
+        if record is None:  # a seed loaded outside the orchestrator: start its record here
+            record = SeedRecord(layer=info.layer, seed=slot, kernel_id=info.kernel_id)
+            self._records[(info.layer, slot)] = record
+        record.kept_step = step
+        record.kept_epoch = epoch
+        return slot, f"keeping seed {slot} of layer {kl.layer_name!r}"
+
+    def _set_alpha(self, d: ControlDecision, kl: KasminaLayer) -> tuple[int, str]:
+        slot = self._require_active(d, kl)
+        assert d.alpha is not None  # the contract requires it for set_alpha
+        try:
+            self._move_alpha(kl.layer_name, slot, d.alpha, d.ramp_steps)
+        except Exception as err:
+            raise _Refusal(f"cannot set α: {type(err).__name__}: {err}", slot) from None
+        ramp = f"over {d.ramp_steps} steps" if d.ramp_steps else "at once"
+        return slot, f"α of seed {slot} of layer {kl.layer_name!r} → {d.alpha} {ramp}"
+
+    # ------------------------------------------------------- seed records
+    def _record_for(self, info: SeedInfo) -> SeedRecord | None:
+        """The record of the seed now in this slot, or None. A record outlives its seed until
+        looked at: when the slot went DORMANT or holds another kernel (the circuit breaker, a
+        checkpoint, a direct load_kernel), it is stale and is dropped here."""
+        key = (info.layer, info.seed)
+        record = self._records.get(key)
+        if record is None:
+            return None
+        if info.state is SeedState.DORMANT or record.kernel_id != info.kernel_id:
+            del self._records[key]
+            self._contributions.pop(key, None)
+            return None
+        return record
+
+    def records(self) -> dict[SeedKey, SeedRecord]:
+        """Records of the seeds now in the model, by (layer, seed)."""
+        live = {}
+        for info in self.morphable.seeds():
+            record = self._record_for(info)
+            if record is not None:
+                live[(info.layer, info.seed)] = record
+            elif info.state is SeedState.DORMANT:
+                self._contributions.pop((info.layer, info.seed), None)
+        return live
+
+    # --------------------------------------------------------- measuring
+    def measure(self, evaluate: Callable[[], float]) -> dict[SeedKey, float]:
+        """The counterfactual contribution of every ACTIVE or RETIRING seed: `evaluate()` with
+        the seed minus `evaluate()` with its α forced to 0. `evaluate` returns a metric where
+        higher is better (accuracy, or a negated loss) and should be deterministic (the runner
+        puts the model in eval mode): its noise would read as contribution.
+
+        The with-seed value is the same for every seed, so it is evaluated once: n + 1 passes
+        rather than the 2n of calling MorphableModel.measure_contribution per seed. Each value is
+        also written to the model's StateLayout (when finite), so checkpoints carry it.
+        """
+        running = [s for s in self.morphable.seeds() if s.state in RUNNING_STATES]
+        if not running:
+            return {}
+        results: dict[SeedKey, float] = {}
+        with torch.no_grad():
+            with_seeds = float(evaluate())
+            for info in running:
+                with self.morphable.seed_alpha_forced(info.layer, info.seed, 0.0):
+                    without = float(evaluate())
+                value = with_seeds - without
+                key = (info.layer, info.seed)
+                results[key] = value
+                self._contributions[key] = value
+                if math.isfinite(value):
+                    self.morphable.record_contribution(info.layer, info.seed, value)
+        return results
+
+    def contributions(self) -> dict[SeedKey, float]:
+        """The last measured contribution of each seed now in the model (NaN: diverged)."""
+        self.records()  # drop measurements of seeds that have left
+        return dict(self._contributions)
+
+    def seed_views(self) -> list[SeedView]:
+        """Every non-DORMANT seed as Tolaria's job view shows it."""
+        views = []
+        layout_contributions: dict[str, list[float]] = {}
+        for info in self.morphable.seeds():
+            if info.state is SeedState.DORMANT:
+                self._contributions.pop((info.layer, info.seed), None)
+                continue
+            record = self._record_for(info)
+            contribution = self._contributions.get((info.layer, info.seed))
+            if contribution is None:
+                # Measured by someone else (MorphableModel.measure_contribution, a checkpoint).
+                if info.layer not in layout_contributions:
+                    layout = self.morphable.layer(info.layer).layout
+                    layout_contributions[info.layer] = layout.contribution.tolist()
+                contribution = layout_contributions[info.layer][info.seed]
+            views.append(
+                SeedView(
+                    layer=info.layer,
+                    seed=info.seed,
+                    state=cast(SeedStateName, info.state.name),
+                    alpha=min(1.0, max(0.0, info.alpha)),
+                    kernel_id=info.kernel_id,
+                    blueprint=record.blueprint if record else None,
+                    contribution=finite_or_none(contribution),
+                    germinated_epoch=record.germinated_epoch if record else None,
+                )
+            )
+        return views
+
+    # -------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state for a checkpoint: the answered decisions (so a resumed job
+        does not execute one twice) and the seed records (so it still knows each seed's
+        blueprint). Contributions are kept only when finite: JSON has no NaN."""
+        records = self.records()
+        return {
+            "version": STATE_VERSION,
+            "job_id": self.job_id,
+            "step": self.step,
+            "decisions": [o.model_dump(mode="json") for o in self._outcomes.values()],
+            "seeds": [r.to_dict() for r in records.values()],
+            "contributions": [
+                [layer, seed, value]
+                for (layer, seed), value in self._contributions.items()
+                if math.isfinite(value)
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace this orchestrator's decisions, records and contributions by a checkpoint's.
+        Load the model's state_dict first: records of seeds the model no longer holds are
+        dropped the next time they are looked at."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            version = state.get("version") if isinstance(state, dict) else None
+            raise ConfigError(
+                f"unreadable orchestrator state (version {version!r}, expected {STATE_VERSION})"
+            )
+        try:
+            outcomes = [DecisionTaken.model_validate(o) for o in state["decisions"]]
+            records = [SeedRecord.from_dict(r) for r in state["seeds"]]
+            contributions = {(str(c[0]), int(c[1])): float(c[2]) for c in state["contributions"]}
+            step = int(state["step"])
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise ConfigError(f"unreadable orchestrator state: {err}") from None
+        self._outcomes = OrderedDict((o.decision_id, o) for o in outcomes)
+        while len(self._outcomes) > self.max_remembered:
+            self._outcomes.popitem(last=False)
+        self._records = {(r.layer, r.seed): r for r in records}
+        self._contributions = contributions
+        self.step = step

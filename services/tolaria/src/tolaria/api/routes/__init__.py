@@ -1,0 +1,1 @@
+"""Tolaria's routers, one module per resource."""

@@ -1,0 +1,231 @@
+"""Jobs, in the conventions of Ray Jobs: submit (202), list, inspect, stop, follow the events,
+read the logs, download the checkpoint, delete when finished."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import yaml
+from fastapi import APIRouter, Path, Query, Request, Response, status
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+
+from esper.bus.producer import FIELD
+from esper.contracts import Envelope, JobQueued, JobSpec, JobSubmitted, JobView, Page
+from esper.contracts._types import JobStatus
+from esper.service import ApiError, RequireToken, error_responses
+from tolaria import checkpoint
+from tolaria.deps import SettingsDep, StoreDep
+from tolaria.errors import SpecError
+from tolaria.jobstore import TERMINAL, JobStateError, UnknownJobError
+from tolaria.runtime import control_group
+from tolaria.validation import check_spec
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
+_ERRORS = error_responses(404, 409, 413, 422)
+SOURCE = "tolaria"
+
+
+async def _parse_spec(request: Request) -> JobSpec:
+    """JSON, or YAML with `Content-Type: application/yaml`."""
+    body = await request.body()
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    try:
+        if kind in ("application/yaml", "application/x-yaml", "text/yaml"):
+            data: Any = yaml.safe_load(body)
+        else:
+            data = json.loads(body or b"null")
+    except (ValueError, yaml.YAMLError) as err:
+        raise ApiError(
+            422, "validation_error", f"body is not valid {kind}: {err}", ["body"]
+        ) from None
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where: list[str | int] = ["body", *first["loc"]]
+        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise ApiError(
+            422,
+            "validation_error",
+            f"{'.'.join(map(str, where))}: {first['msg']}{more}",
+            where,
+            errors=[
+                {"location": ["body", *e["loc"]], "message": e["msg"]} for e in err.errors()[:20]
+            ],
+        ) from None
+
+
+async def _get(store: StoreDep, job_id: str) -> JobView:
+    try:
+        return await store.get(job_id)
+    except UnknownJobError as err:
+        raise ApiError(404, "unknown_job", str(err), ["path", "job_id"]) from None
+
+
+@router.post(
+    "",
+    response_model=JobSubmitted,
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[RequireToken],
+    responses={**_ERRORS, 200: {"model": JobSubmitted}},
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}},
+                "application/yaml": {},
+            },
+            "required": True,
+        }
+    },
+)
+async def submit_job(
+    request: Request, store: StoreDep, settings: SettingsDep, response: Response
+) -> JobSubmitted:
+    """Queue a job (202). With a `submission_id` that was used before, the job it created
+    (200, `created: false`). A spec that cannot run is refused with 422 and nothing is queued."""
+    spec = await _parse_spec(request)
+    if spec.submission_id is not None:
+        existing = await store.redis.get(store.submission_key(spec.submission_id))
+        if existing is not None:
+            view = await store.get(existing.decode() if isinstance(existing, bytes) else existing)
+            response.status_code = status.HTTP_200_OK
+            return JobSubmitted(job_id=view.job_id, status=view.status, created=False)
+    try:
+        await asyncio.to_thread(check_spec, spec, settings.data_dir)
+    except SpecError as err:
+        raise ApiError(422, "invalid_spec", str(err), ["body", *err.location[1:]]) from None
+    job_id = f"job-{uuid.uuid4().hex[:12]}"
+    view, created = await store.create(job_id, spec)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+        return JobSubmitted(job_id=view.job_id, status=view.status, created=False)
+    bus = settings.bus
+    try:  # the job's control group exists before the job does: no decision is missed
+        await store.redis.xgroup_create(
+            bus.stream("control"), control_group(job_id), id="$", mkstream=True
+        )
+    except Exception as err:
+        if "BUSYGROUP" not in str(err):
+            raise
+    await request.app.state.producer.publish(
+        Envelope.wrap(JobQueued(job_id=job_id), source=SOURCE, job_id=job_id)
+    )
+    return JobSubmitted(job_id=job_id, status="PENDING", created=True)
+
+
+@router.get("", response_model=Page[JobView], responses=_ERRORS)
+async def list_jobs(
+    store: StoreDep,
+    status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,12}$")] = None,
+) -> Page[JobView]:
+    """Newest first; pass `next_cursor` back as `cursor` for the next page."""
+    views, next_cursor = await store.page(status=status_filter, limit=limit, cursor=cursor)
+    return Page[JobView](items=views, next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobView, responses=_ERRORS)
+async def get_job(job_id: JobId, store: StoreDep) -> JobView:
+    return await _get(store, job_id)
+
+
+@router.post(
+    "/{job_id}/stop", response_model=JobView, dependencies=[RequireToken], responses=_ERRORS
+)
+async def stop_job(job_id: JobId, store: StoreDep) -> JobView:
+    """A queued job ends STOPPED at once; a running one within a training step (it keeps its
+    checkpoint). Stopping a finished job changes nothing."""
+    await _get(store, job_id)
+    return await store.request_stop(job_id)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[RequireToken],
+    responses=_ERRORS,
+)
+async def delete_job(job_id: JobId, store: StoreDep, settings: SettingsDep) -> None:
+    """Delete a finished job: its record, events, logs and checkpoint."""
+    await _get(store, job_id)
+    try:
+        await store.delete(job_id)
+    except JobStateError as err:
+        raise ApiError(409, "conflict", str(err), ["path", "job_id"]) from None
+    path = checkpoint.path_for(settings.work_dir, job_id)
+    await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
+
+
+@router.get("/{job_id}/logs", response_class=PlainTextResponse, responses=_ERRORS)
+async def job_logs(
+    job_id: JobId, store: StoreDep, tail: Annotated[int | None, Query(ge=1, le=100_000)] = None
+) -> PlainTextResponse:
+    await _get(store, job_id)
+    lines = await store.logs(job_id, tail)
+    return PlainTextResponse("\n".join(lines) + ("\n" if lines else ""))
+
+
+@router.get(
+    "/{job_id}/checkpoint",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS},
+)
+async def job_checkpoint(job_id: JobId, store: StoreDep, settings: SettingsDep) -> FileResponse:
+    """The last checkpoint (`torch.load(..., weights_only=True)`): `model` is the wrapped model's
+    state_dict, `spec` the job's spec."""
+    await _get(store, job_id)
+    path = checkpoint.path_for(settings.work_dir, job_id)
+    if not path.exists():
+        raise ApiError(
+            404, "no_checkpoint", f"job {job_id} has no checkpoint yet", ["path", "job_id"]
+        )
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.pt")
+
+
+@router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS})
+async def job_events(job_id: JobId, store: StoreDep, request: Request) -> StreamingResponse:
+    """Server-sent events: every event of the job so far, then live ones, until it ends.
+    Each has `id` (resume with `Last-Event-ID`), `event` (the message type) and `data` (the
+    envelope JSON): epochs (`telemetry.report`), seed transitions, decisions, status changes."""
+    await _get(store, job_id)
+    start = request.headers.get("last-event-id") or "0"
+    return StreamingResponse(
+        _event_stream(store, job_id, start, request),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _event_stream(
+    store: StoreDep, job_id: str, last_id: str, request: Request
+) -> AsyncIterator[bytes]:
+    key = store.events_key(job_id)
+    idle_since = asyncio.get_running_loop().time()
+    while not await request.is_disconnected():
+        batches: Any = await store.redis.xread({key: last_id}, count=100, block=1000)
+        for _, entries in batches or []:
+            for entry_id, fields in entries:
+                last_id = entry_id.decode()
+                raw: bytes = fields[FIELD]
+                kind = json.loads(raw).get("type", "message")
+                yield f"id: {last_id}\nevent: {kind}\ndata: {raw.decode()}\n\n".encode()
+            idle_since = asyncio.get_running_loop().time()
+        if not batches:
+            try:
+                view = await store.get(job_id)
+            except UnknownJobError:
+                return
+            if view.status in TERMINAL:
+                end = json.dumps({"job_id": job_id, "status": view.status})
+                yield f"event: end\ndata: {end}\n\n".encode()
+                return
+            if asyncio.get_running_loop().time() - idle_since > 15:
+                idle_since = asyncio.get_running_loop().time()
+                yield b": keep-alive\n\n"

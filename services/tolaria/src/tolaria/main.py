@@ -1,0 +1,64 @@
+"""Builds Tolaria's app: the service kit, the job store in Redis, the workers, the routers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from esper.contracts.api import Check
+from esper.service import create_app as create_service_app
+from tolaria import __version__
+from tolaria.api.routes import jobs
+from tolaria.deps import get_settings
+from tolaria.jobstore import JobStore
+from tolaria.settings import TolariaSettings
+from tolaria.worker import Worker
+
+log = logging.getLogger("tolaria")
+SERVICE = "tolaria"
+
+
+def create_app(settings: TolariaSettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = aioredis.Redis.from_url(settings.bus.redis_url)
+        store = JobStore(
+            redis,
+            settings.bus.prefix,
+            max_events=settings.max_events,
+            max_log_lines=settings.max_log_lines,
+        )
+        app.state.jobs = store
+        workers = [Worker(settings, store, i) for i in range(settings.workers)]
+        app.state.workers = workers
+        for worker in workers:
+            worker.start()
+        log.info("tolaria: %d workers, data in %s", len(workers), settings.data_dir)
+        try:
+            yield
+        finally:
+            for worker in workers:
+                await worker.stop()
+            await redis.aclose()
+
+    async def workers_alive(app: FastAPI) -> Check:
+        dead = [w.consumer.name for w in app.state.workers if not w.consumer.running]
+        return True if not dead else f"workers not running: {', '.join(dead)}"
+
+    app = create_service_app(
+        service=SERVICE,
+        version=__version__,
+        settings=settings,
+        routers=[jobs.router],
+        lifespan=lifespan,
+        readiness={"workers": workers_alive},
+        description="Training jobs: submit, follow, stop, download checkpoints.",
+    )
+    app.dependency_overrides[get_settings] = lambda: settings
+    return app

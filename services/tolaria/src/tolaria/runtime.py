@@ -1,0 +1,175 @@
+"""The bus side of a job process: an asyncio loop on a background thread.
+
+Training runs on the main thread and never waits for Redis: events and telemetry are handed to
+this loop and published from there; log lines are shipped in batches; a poller turns a stop
+request (or the death of the worker that started this process) into a flag the training loop
+reads once per step; control decisions for this job arrive here and wait in a queue until the
+training loop executes them between two steps — their messages are acked only then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+
+from esper.bus import BusSettings, Consumer, Delivery, Producer
+from esper.contracts import ControlDecision, DecisionTaken, Envelope, Message, TelemetryReport
+from tolaria.jobstore import JobStore
+from tolaria.settings import TolariaSettings
+
+log = logging.getLogger("tolaria.runtime")
+T = TypeVar("T")
+SOURCE = "tolaria"
+
+
+def control_group(job_id: str) -> str:
+    """Each job reads the control topic in its own group, created when the job is submitted, so
+    a decision published before the job process started is waiting for it."""
+    return f"tolaria-job-{job_id}"
+
+
+class Pending:
+    """A decision waiting for the training loop, and the future its ack waits on."""
+
+    def __init__(self, decision: ControlDecision) -> None:
+        self.decision = decision
+        self.done: concurrent.futures.Future[DecisionTaken] = concurrent.futures.Future()
+
+
+class JobRuntime:
+    def __init__(self, settings: TolariaSettings, job_id: str) -> None:
+        self.settings = settings
+        self.job_id = job_id
+        self.bus: BusSettings = settings.bus
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="job-bus", daemon=True)
+        self.stop_event = threading.Event()
+        self.orphaned = threading.Event()
+        self.decisions: queue.SimpleQueue[Pending] = queue.SimpleQueue()
+        self._log_lines: list[str] = []
+        self._log_lock = threading.Lock()
+        self._tasks: list[asyncio.Future[Any]] = []
+        self._parent = os.getppid()
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> JobRuntime:
+        self._thread.start()
+        self.call(self._setup())
+        return self
+
+    async def _setup(self) -> None:
+        self.redis = aioredis.Redis.from_url(self.bus.redis_url)
+        self.store = JobStore(
+            self.redis,
+            self.bus.prefix,
+            max_events=self.settings.max_events,
+            max_log_lines=self.settings.max_log_lines,
+        )
+        self.producer = Producer(self.bus)
+        self.consumer = Consumer(control_group(self.job_id), ["control"], settings=self.bus)
+        self.consumer.register(ControlDecision, self._on_decision)
+        self._tasks = [
+            asyncio.ensure_future(self._poll_stop()),
+            asyncio.ensure_future(self._ship_logs_forever()),
+        ]
+        self.consumer.start()
+
+    def close(self) -> None:
+        try:
+            self.call(self._teardown(), timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+
+    async def _teardown(self) -> None:
+        await self.consumer.stop(timeout=5)
+        for task in self._tasks:
+            task.cancel()
+        await self._ship_logs()
+        await self.producer.flush()
+        await self.producer.close()
+        await self.consumer.close()
+        await self.redis.aclose()
+
+    # ------------------------------------------------------------- calling
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60) -> T:
+        """Run `coro` on the bus loop and wait for it (from the training thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def fire(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` on the bus loop without waiting; failures are logged."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        future.add_done_callback(_log_failure)
+
+    # ------------------------------------------------------------ publishing
+    def emit(self, message: Message) -> None:
+        """An event for the bus and for the job's own event stream (what SSE replays)."""
+        envelope = Envelope.wrap(message, source=SOURCE, job_id=self.job_id)
+        self.fire(self._emit(envelope))
+
+    async def _emit(self, envelope: Envelope) -> None:
+        await self.store.append_event(self.job_id, envelope)
+        await self.producer.publish(envelope)
+
+    def telemetry(self, report: TelemetryReport) -> None:
+        """Telemetry goes through the batcher (lossy under pressure, never blocking); epoch
+        reports are also kept in the job's event stream."""
+        envelope = Envelope.wrap(report, source=SOURCE)
+        self.loop.call_soon_threadsafe(self.producer.publish_batched, envelope)
+        if report.kind == "epoch":
+            self.fire(self.store.append_event(self.job_id, envelope))
+
+    def log_line(self, line: str) -> None:
+        with self._log_lock:
+            self._log_lines.append(line)
+
+    async def _ship_logs(self) -> None:
+        with self._log_lock:
+            lines, self._log_lines = self._log_lines, []
+        if lines:
+            await self.store.append_logs(self.job_id, lines)
+
+    async def _ship_logs_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                await self._ship_logs()
+            except Exception as err:
+                log.warning("job logs not shipped: %s", err)
+
+    # -------------------------------------------------------- stop, decisions
+    async def _poll_stop(self) -> None:
+        while True:
+            try:
+                if await self.store.stop_requested(self.job_id):
+                    self.stop_event.set()
+            except Exception as err:  # Redis away: keep training, look again next time
+                log.warning("stop flag not read: %s", err)
+            # The worker that started this process is gone (kill -9): stop at once, so that the
+            # worker taking the job over does not train it twice at the same time.
+            if os.getppid() != self._parent:
+                self.orphaned.set()
+                self.stop_event.set()
+            await asyncio.sleep(self.settings.stop_poll_s)
+
+    async def _on_decision(self, delivery: Delivery) -> None:
+        decision = delivery.message
+        assert isinstance(decision, ControlDecision)
+        if decision.job_id != self.job_id:
+            return  # another job's decision; its own group handles it
+        pending = Pending(decision)
+        self.decisions.put(pending)
+        await asyncio.wrap_future(pending.done)
+
+
+def _log_failure(future: concurrent.futures.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("bus call failed: %s", future.exception())

@@ -1,0 +1,33 @@
+"""Tolaria's settings: `TOLARIA_*` environment variables (the bus is `ESPER_BUS_*`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from esper.service import ServiceSettings
+
+
+class TolariaSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="TOLARIA_", extra="ignore", frozen=True)
+
+    port: int = Field(default=8001, ge=0, le=65535)
+    data_dir: Path = Path("data")
+    """Where file data sets live (`dataset.path` is relative to it): the operator's mount."""
+    work_dir: Path = Path("var/tolaria")
+    """Checkpoints (`jobs/<id>/checkpoint.pt`), shared by every replica."""
+    workers: int = Field(default=1, ge=0, le=64)
+    """Jobs this replica trains at once (each in its own process); 0: an API-only replica."""
+    job_claim_idle_ms: int = Field(default=15_000, ge=500)
+    """A queued job whose worker stopped renewing its claim this long ago is taken over by
+    another worker, which resumes it from its last checkpoint."""
+    urza_url: str | None = "http://127.0.0.1:8004"
+    urza_token: SecretStr | None = None
+    kernel_signing_key: SecretStr | None = None
+    """Urza's signing key: artifacts whose HMAC does not match are refused."""
+    stop_poll_s: float = Field(default=0.2, gt=0, le=10)
+    max_log_lines: int = Field(default=10_000, ge=100)
+    max_events: int = Field(default=20_000, ge=100)
+    checkpoint_download_bytes: int = Field(default=2 << 30, ge=1)

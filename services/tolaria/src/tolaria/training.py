@@ -1,0 +1,422 @@
+"""One job's training, in the job process: build the data and the model from the spec, wrap it,
+train epoch by epoch, execute control decisions between steps, measure seeds, checkpoint every
+epoch, resume from the last checkpoint.
+
+The per-step path is kept to what a plain PyTorch loop does plus a queue check, a flag check and
+the wrapper's own bookkeeping, so a job with dormant seeds runs at (nearly) plain speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import esper
+from esper.client import UrzaClient
+from esper.contracts import DecisionTaken, JobMetrics, JobProgress, JobSpec, JobStatusChanged
+from esper.contracts.jobs import SeedView, TrainingSpec
+from esper.kernels import tiered_cache
+from esper.morphable import MorphableModel
+from esper.training import SeedOrchestrator, TelemetryReporter
+from tolaria import checkpoint
+from tolaria.datasets import DataSplits, load_dataset
+from tolaria.models import build_model, morphable_layers
+from tolaria.runtime import JobRuntime
+
+log = logging.getLogger("tolaria.job")
+
+
+class StopRequested(Exception):
+    pass
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("the spec asks for device cuda, but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def on_device(data: DataSplits, device: torch.device) -> DataSplits:
+    """The whole data set on the training device: these sets are small, and indexing a tensor
+    already there is what keeps the per-step path free of copies."""
+    if device.type == "cpu":
+        return data
+    tensors = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+    return dataclasses.replace(data, **{n: getattr(data, n).to(device) for n in tensors})
+
+
+def make_optimizer(params: list[nn.Parameter], spec: TrainingSpec) -> torch.optim.Optimizer:
+    group = {"params": params, "name": "host"}
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(
+            [group], lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+        )
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW([group], lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.Adam([group], lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def lr_factor(spec: TrainingSpec, epoch: int) -> float:
+    """The schedule, applied to the host group only: seeds keep their own lr."""
+    if spec.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / spec.epochs))
+    if spec.schedule == "step":
+        return float(spec.gamma ** (epoch // spec.step_size))
+    return 1.0
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class JobTrainer:
+    def __init__(self, runtime: JobRuntime, spec: JobSpec, data_dir: Path, work_dir: Path) -> None:
+        self.runtime = runtime
+        self.job_id = runtime.job_id
+        self.spec = spec
+        self.training = spec.training
+        self.morph = spec.morphogenesis
+        self.checkpoint_path = checkpoint.path_for(work_dir, self.job_id)
+        self.device = pick_device(self.training.device)
+        torch.manual_seed(self.training.seed)
+        self.data: DataSplits = on_device(load_dataset(spec.dataset, data_dir), self.device)
+        model = build_model(spec.model, self.data.input_shape, self.data.classes).to(self.device)
+        self.loss_fn = nn.CrossEntropyLoss()
+        settings = runtime.settings
+        key = settings.kernel_signing_key
+        self.cache = tiered_cache(
+            redis_url=runtime.bus.redis_url,
+            urza_url=settings.urza_url,
+            urza_token=settings.urza_token.get_secret_value() if settings.urza_token else None,
+            signing_key=key.get_secret_value().encode() if key else None,
+        )
+        self.morphable: MorphableModel | None = None
+        self.orchestrator: SeedOrchestrator | None = None
+        self.reporter: TelemetryReporter | None = None
+        self.urza: UrzaClient | None = None
+        if self.morph.enabled:
+            layers = morphable_layers(model, self.morph)
+            self.morphable = esper.wrap(
+                model, seeds_per_layer=self.morph.seeds_per_layer, layers=layers, kernels=self.cache
+            )
+            self.model: nn.Module = self.morphable
+            self.urza = self._urza_client()
+        else:
+            self.model = model
+        host_params = (
+            self.morphable.host_parameters() if self.morphable else list(model.parameters())
+        )
+        self.optimizer = make_optimizer(host_params, self.training)
+        self.host_group = self.optimizer.param_groups[0]
+        if self.morphable is not None:
+            self.morphable.attach_optimizer(
+                self.optimizer, lr=self.morph.seed_lr or self.training.lr, max_grad_norm=1.0
+            )
+            self.orchestrator = SeedOrchestrator(
+                self.morphable,
+                self.job_id,
+                self.urza if self.urza is not None else _NoKernelProvider(),
+                self.morph,
+                runtime.emit,
+                kernel_format=self.morph.kernel_format,
+            )
+            self.orchestrator.attach()
+            self.reporter = TelemetryReporter(
+                self.morphable,
+                self.job_id,
+                runtime.telemetry,
+                every_steps=self.training.telemetry_every_steps,
+            )
+        self.progress = Progress()
+        self.metrics = JobMetrics()
+
+    def _urza_client(self) -> UrzaClient | None:
+        settings = self.runtime.settings
+        if not settings.urza_url:
+            return None
+        token = settings.urza_token.get_secret_value() if settings.urza_token else None
+
+        # Created on the bus loop: the client's connections belong to the loop that uses them.
+        async def make() -> UrzaClient:
+            return UrzaClient(settings.urza_url or "", token=token)
+
+        return self.runtime.call(make())
+
+    # ------------------------------------------------------------- resume
+    def resume(self) -> bool:
+        state = checkpoint.load(self.checkpoint_path)
+        if state is None:
+            return False
+        self.model.load_state_dict(state["model"])
+        checkpoint.restore_group_states(self.optimizer, state["optimizer"])
+        if self.orchestrator is not None and state.get("orchestrator") is not None:
+            self.orchestrator.load_state_dict(state["orchestrator"])
+        self.progress = Progress(state["epoch"], state["step"], list(state["history"]))
+        self.metrics = JobMetrics.model_validate(state["metrics"])
+        torch.set_rng_state(state["rng"])
+        log.info("resumed from the checkpoint of epoch %d (step %d)", state["epoch"], state["step"])
+        return True
+
+    def save(self) -> None:
+        checkpoint.save(
+            self.checkpoint_path,
+            {
+                "job_id": self.job_id,
+                "spec": self.spec.model_dump(mode="json"),
+                "epoch": self.progress.epoch,
+                "step": self.progress.step,
+                "history": self.progress.history,
+                "metrics": self.metrics.model_dump(mode="json"),
+                "model": self.model.state_dict(),
+                "optimizer": checkpoint.group_states(self.optimizer),
+                "orchestrator": self.orchestrator.state_dict() if self.orchestrator else None,
+                "rng": torch.get_rng_state(),
+                "layers": self.morphable.layer_names() if self.morphable else [],
+                "seeds_per_layer": self.morph.seeds_per_layer,
+            },
+        )
+
+    # --------------------------------------------------------------- train
+    def run(self) -> None:
+        """Train the remaining epochs; StopRequested when a stop (or orphaning) interrupts."""
+        spec = self.training
+        while self.progress.epoch < spec.epochs:
+            epoch = self.progress.epoch
+            self.host_group["lr"] = spec.lr * lr_factor(spec, epoch)
+            train_loss, samples_per_s = self.train_epoch(epoch)
+            self.end_epoch(epoch, train_loss, samples_per_s)
+        self.refuse_waiting_decisions("the job has finished training")
+        test = self.evaluate(self.data.test_x, self.data.test_y) if len(self.data.test_y) else None
+        if test is not None:
+            self.metrics = self.metrics.model_copy(
+                update={"test_loss": _finite(test.loss), "test_accuracy": test.accuracy}
+            )
+
+    def train_epoch(self, epoch: int) -> tuple[float | None, float]:
+        data, spec, model = self.data, self.training, self.model
+        runtime, optimizer, loss_fn = self.runtime, self.optimizer, self.loss_fn
+        morphable, reporter = self.morphable, self.reporter
+        stop, decisions = runtime.stop_event, runtime.decisions
+        generator = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
+        order = torch.randperm(len(data.train_y), generator=generator).to(self.device)
+        total = torch.zeros((), device=self.device)
+        batches = 0
+        model.train()
+        start = time.perf_counter()
+        for begin in range(0, len(order), spec.batch_size):
+            if stop.is_set():
+                raise StopRequested
+            if not decisions.empty():
+                paused = time.perf_counter()
+                self.execute_decisions(epoch)
+                start += time.perf_counter() - paused  # a compile is not training time
+            index = order[begin : begin + spec.batch_size]
+            step = self.progress.step
+            if reporter is not None:
+                reporter.begin_step(step)
+            loss = loss_fn(model(data.train_x[index]), data.train_y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if morphable is not None:
+                morphable.clip_seed_gradients()
+            optimizer.step()
+            if morphable is not None:
+                morphable.step()
+            if reporter is not None:
+                reporter.end_step(step, epoch, loss)
+            total += loss.detach()
+            batches += 1
+            self.progress.step = step + 1
+        elapsed = time.perf_counter() - start
+        mean = float(total) / max(1, batches)  # one sync per epoch, not per step
+        return (mean if math.isfinite(mean) else None), len(order) / max(elapsed, 1e-9)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> Evaluation:
+        was_training = self.model.training
+        self.model.eval()
+        total_loss, correct = 0.0, 0
+        batch = max(self.training.batch_size, 1024)
+        for begin in range(0, len(y), batch):
+            out = self.model(x[begin : begin + batch])
+            target = y[begin : begin + batch]
+            total_loss += float(self.loss_fn(out, target)) * len(target)
+            correct += int((out.argmax(dim=1) == target).sum())
+        self.model.train(was_training)
+        n = max(1, len(y))
+        return Evaluation(total_loss / n, correct / n)
+
+    def end_epoch(self, epoch: int, train_loss: float | None, samples_per_s: float) -> None:
+        data = self.data
+        val = self.evaluate(data.val_x, data.val_y)
+        contributions: dict[tuple[str, int], float] = {}
+        if self.orchestrator is not None:
+            contributions = self.orchestrator.measure(
+                lambda: self.evaluate(data.val_x, data.val_y).accuracy
+            )
+        self.progress.epoch = epoch + 1
+        self.metrics = JobMetrics(
+            train_loss=train_loss,
+            val_loss=_finite(val.loss),
+            val_accuracy=val.accuracy,
+            samples_per_s=samples_per_s,
+        )
+        self.progress.history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": _finite(val.loss),
+                "val_accuracy": val.accuracy,
+            }
+        )
+        self.save()  # before anything says the epoch is done: a crash now retrains nothing
+        if self.reporter is not None:
+            if not self.reporter.has_layer_stats:
+                self.reporter.sample_layers(data.val_x[: self.training.batch_size])
+            self.reporter.epoch_report(
+                epoch=epoch,
+                step=self.progress.step,
+                train_loss=train_loss,
+                val_loss=_finite(val.loss),
+                val_accuracy=val.accuracy,
+                samples_per_s=samples_per_s,
+                contributions=contributions,
+            )
+        else:
+            self.runtime.telemetry(
+                _plain_report(
+                    self.job_id, epoch, self.progress.step, train_loss, val, samples_per_s
+                )
+            )
+        self.runtime.call(
+            self.runtime.store.set_fields(
+                self.job_id,
+                progress=self.view_progress(),
+                metrics=self.metrics,
+                seeds=self.seed_views(),
+                has_checkpoint=True,
+            )
+        )
+        log.info(
+            "epoch %d/%d: train loss %s, val loss %.4f, val acc %.4f, %.0f samples/s",
+            epoch + 1,
+            self.training.epochs,
+            _fmt(train_loss),
+            val.loss,
+            val.accuracy,
+            samples_per_s,
+        )
+
+    def view_progress(self) -> JobProgress:
+        epochs = self.training.epochs
+        return JobProgress(
+            epoch=self.progress.epoch,
+            epochs=epochs,
+            step=self.progress.step,
+            fraction=min(1.0, self.progress.epoch / epochs),
+        )
+
+    def seed_views(self) -> list[SeedView]:
+        return self.orchestrator.seed_views() if self.orchestrator is not None else []
+
+    # ----------------------------------------------------------- decisions
+    def execute_decisions(self, epoch: int) -> None:
+        """Between two steps: run each waiting decision on the bus loop (it may compile a kernel
+        in Urza and fetch it) while training waits, then let its message be acked."""
+        while not self.runtime.decisions.empty():
+            pending = self.runtime.decisions.get()
+            if self.orchestrator is None:
+                outcome = _refusal(pending.decision, "morphogenesis is off for this job")
+                self.runtime.emit(outcome)
+            else:
+                self.orchestrator.on_step(self.progress.step)
+                outcome = self.runtime.call(
+                    self.orchestrator.execute(
+                        pending.decision, step=self.progress.step, epoch=epoch
+                    ),
+                    timeout=600,
+                )
+            pending.done.set_result(outcome)
+            log.info(
+                "decision %s (%s %s): %s — %s",
+                outcome.decision_id,
+                outcome.action,
+                outcome.layer,
+                outcome.outcome,
+                outcome.reason,
+            )
+
+    def refuse_waiting_decisions(self, reason: str) -> None:
+        while not self.runtime.decisions.empty():
+            pending = self.runtime.decisions.get()
+            outcome = _refusal(pending.decision, reason)
+            self.runtime.emit(outcome)
+            pending.done.set_result(outcome)
+
+    def status_event(
+        self, status: Any, previous: Any, error: str | None, attempt: int
+    ) -> JobStatusChanged:
+        return JobStatusChanged(
+            job_id=self.job_id, status=status, previous=previous, error=error, attempt=attempt
+        )
+
+
+class _NoKernelProvider:
+    async def kernel_for(self, blueprint: str, host: Any, fmt: Any) -> str:
+        raise RuntimeError("no Urza is configured (TOLARIA_URZA_URL): cannot compile blueprints")
+
+
+def _refusal(decision: Any, reason: str) -> DecisionTaken:
+    return DecisionTaken(
+        decision_id=decision.decision_id,
+        job_id=decision.job_id,
+        action=decision.action,
+        outcome="refused",
+        reason=reason,
+        layer=decision.layer,
+        seed=decision.seed,
+    )
+
+
+def _plain_report(
+    job_id: str, epoch: int, step: int, train_loss: float | None, val: Evaluation, sps: float
+) -> Any:
+    from esper.contracts import TelemetryReport
+
+    return TelemetryReport(
+        job_id=job_id,
+        epoch=epoch,
+        step=step,
+        kind="epoch",
+        train_loss=train_loss,
+        val_loss=_finite(val.loss),
+        val_accuracy=val.accuracy,
+        samples_per_s=sps,
+    )
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

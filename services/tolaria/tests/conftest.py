@@ -1,0 +1,131 @@
+"""Fixtures for Tolaria's tests: a real redis-server, Urza and Tolaria as real processes on free
+ports, and an httpx client. One Redis, one Urza and one Tolaria per test module; each module
+gets its own data and work directories and its own bus prefix."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from esper.testing import RedisServer, ServiceProcess
+from esper.testing.pytest_plugin import (  # noqa: F401  (registered by import, see urza's conftest)
+    bus_settings,
+    redis_server,
+    redis_server_factory,
+    redis_url,
+)
+
+# Helpers beside the tests (jobhelpers) are imported by name; importlib mode does not add this dir.
+sys.path.insert(0, str(Path(__file__).parent))
+from jobhelpers import TOKEN
+
+_instances = itertools.count()
+_OURS = ("TOLARIA_", "URZA_", "ESPER_BUS_")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _clean_env(service: ServiceProcess, env: dict[str, str]) -> ServiceProcess:
+    """A developer's TOLARIA_*/URZA_*/ESPER_BUS_* variables must not change what tests see."""
+    service.env = {
+        k: v
+        for k, v in service.env.items()
+        if k in env or k.endswith("_PORT") or not k.startswith(_OURS)
+    }
+    return service
+
+
+@pytest.fixture(scope="module")
+def stack_redis() -> Iterator[RedisServer]:
+    with RedisServer(appendonly=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def prefix() -> str:
+    return f"t{next(_instances)}"
+
+
+@pytest.fixture(scope="module")
+def urza(
+    stack_redis: RedisServer, prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    root = tmp_path_factory.mktemp("urza")
+    env = {
+        "URZA_DATA_DIR": str(root / "data"),
+        "URZA_LOG_JSON": "false",
+        "ESPER_BUS_REDIS_URL": stack_redis.url,
+        "ESPER_BUS_PREFIX": prefix,
+    }
+    service = _clean_env(ServiceProcess("urza", port_env="URZA_PORT", env=env, log_dir=root), env)
+    with service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+TolariaFactory = Callable[..., ServiceProcess]
+
+
+@pytest.fixture(scope="module")
+def tolaria_factory(
+    stack_redis: RedisServer,
+    urza: ServiceProcess,
+    prefix: str,
+    data_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[TolariaFactory]:
+    """Tolaria replicas sharing one Redis, one Urza, one data dir and one work dir."""
+    work = tmp_path_factory.mktemp("work")
+    started: list[ServiceProcess] = []
+
+    def make(**overrides: str) -> ServiceProcess:
+        env = {
+            "TOLARIA_DATA_DIR": str(data_dir),
+            "TOLARIA_WORK_DIR": str(work),
+            "TOLARIA_URZA_URL": urza.url,
+            "TOLARIA_API_TOKEN": TOKEN,
+            "TOLARIA_LOG_JSON": "false",
+            "TOLARIA_JOB_CLAIM_IDLE_MS": "2000",
+            "TOLARIA_INSTANCE": f"tolaria-{next(_instances)}",
+            "ESPER_BUS_REDIS_URL": stack_redis.url,
+            "ESPER_BUS_PREFIX": prefix,
+            **overrides,
+        }
+        service = _clean_env(
+            ServiceProcess("tolaria", port_env="TOLARIA_PORT", env=env, log_dir=work), env
+        )
+        started.append(service.start())
+        return service
+
+    yield make
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def tolaria(tolaria_factory: TolariaFactory) -> ServiceProcess:
+    return tolaria_factory()
+
+
+@pytest.fixture(scope="module")
+def client(tolaria: ServiceProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=tolaria.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
+    ) as c:
+        yield c

@@ -1,0 +1,1 @@
+"""Urza's routers, one module per resource."""

@@ -1,0 +1,217 @@
+"""Turning requests into stored kernels: compiles of registered blueprints, and uploads of
+trained kernels. Both run their torch work in a thread pool off the event loop, store the kernel
+only once it is complete and checked, and announce every new kernel with `kernel.ready`.
+
+The same compile input always names the same kernel id, so a repeat is a lookup; concurrent
+requests for one kernel that is still compiling share the one compile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from torch.utils.flop_counter import FlopCounterMode
+
+from esper.blueprints.compiler import compile_blueprint, compile_kernel_id
+from esper.blueprints.spec import BlueprintSpec
+from esper.contracts import CompileRequest, KernelResult, KernelUpload
+from esper.exceptions import BlueprintHostError, DigestMismatchError, EsperError
+from esper.kernels.artifact import KernelArtifact, KernelMeta, digest_of, kernel_id_for
+from esper.kernels.executor import KernelExecutor, deserialize, probe_input
+from esper.signature import HostSignature
+from urza.store import KernelStore
+
+log = logging.getLogger("urza.compiler")
+
+T = TypeVar("T")
+Announce = Callable[[KernelMeta, list[str]], Coroutine[Any, Any, None]]
+
+
+class QueueFullError(EsperError):
+    """More compiles are waiting than `max_queued_compiles` allows."""
+
+
+class KernelMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.created = Counter(
+            "esper_urza_kernels_created",
+            "Kernels stored, by how they arrived (compiled or uploaded) and format",
+            ["origin", "format"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "esper_urza_kernel_failures",
+            "Compiles and uploads refused or failed, by operation",
+            ["operation"],
+            registry=registry,
+        )
+        self.compile_seconds = Histogram(
+            "esper_urza_compile_duration_seconds",
+            "Time to compile, validate and measure one kernel",
+            ["format"],
+            registry=registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.queued = Gauge(
+            "esper_urza_compile_queue_depth", "Compiles waiting or running", registry=registry
+        )
+
+
+class CompileService:
+    def __init__(
+        self,
+        store: KernelStore,
+        *,
+        signing_key: bytes | None,
+        workers: int,
+        max_queued: int,
+        announce: Announce,
+        metrics: KernelMetrics,
+    ) -> None:
+        self.store = store
+        self.signing_key = signing_key
+        self.max_queued = max_queued
+        self.announce = announce
+        self.metrics = metrics
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="urza-compile")
+        self._inflight: dict[str, asyncio.Future[KernelMeta]] = {}
+        self._pending = 0
+        self._announcing: set[asyncio.Task[None]] = set()
+
+    async def _in_pool(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    # --------------------------------------------------------------- compile
+    async def compile(self, request: CompileRequest) -> KernelResult:
+        record = await asyncio.to_thread(
+            self.store.get_blueprint, request.blueprint, request.blueprint_version
+        )
+        spec, host = record.spec, request.host
+        if host.kind not in spec.hosts:
+            raise BlueprintHostError(
+                f"blueprint {spec.name!r} serves {'/'.join(spec.hosts)} hosts, not {host.kind}"
+            )
+        kernel_id = compile_kernel_id(spec, host, request.format)
+        created = False
+        if not await asyncio.to_thread(self.store.has_kernel, kernel_id):
+            waiting = self._inflight.get(kernel_id)
+            if waiting is None:
+                if self._pending >= self.max_queued:
+                    raise QueueFullError(
+                        f"{self._pending} compiles are already queued (limit {self.max_queued})"
+                    )
+                waiting = asyncio.ensure_future(self._compile(kernel_id, spec, host, request))
+                self._inflight[kernel_id] = waiting
+                waiting.add_done_callback(lambda _: self._inflight.pop(kernel_id, None))
+                created = True
+            await asyncio.shield(waiting)
+        return await self._result(kernel_id, request.tags, created)
+
+    async def _compile(
+        self, kernel_id: str, spec: BlueprintSpec, host: HostSignature, request: CompileRequest
+    ) -> KernelMeta:
+        self._pending += 1
+        self.metrics.queued.set(self._pending)
+        start = time.perf_counter()
+        try:
+            artifact = await self._in_pool(
+                lambda: compile_blueprint(spec, host, request.format, signing_key=self.signing_key)
+            )
+            assert artifact.meta.kernel_id == kernel_id
+            meta, created = await asyncio.to_thread(self.store.put_kernel, artifact)
+        except Exception:
+            self.metrics.failures.labels("compile").inc()
+            raise
+        finally:
+            self._pending -= 1
+            self.metrics.queued.set(self._pending)
+        self.metrics.compile_seconds.labels(request.format).observe(time.perf_counter() - start)
+        if created:
+            self.metrics.created.labels("compiled", request.format).inc()
+            log.info("compiled %s (%s, %s)", kernel_id, spec.name, request.format)
+        return meta
+
+    # ---------------------------------------------------------------- upload
+    async def upload(self, upload: KernelUpload, data: bytes) -> KernelResult:
+        try:
+            artifact = await self._in_pool(lambda: self._checked_upload(upload, data))
+            meta, created = await asyncio.to_thread(self.store.put_kernel, artifact)
+        except Exception:
+            self.metrics.failures.labels("upload").inc()
+            raise
+        if created:
+            self.metrics.created.labels("uploaded", upload.format).inc()
+            log.info("stored uploaded kernel %s (%s)", meta.kernel_id, upload.name)
+        return await self._result(meta.kernel_id, upload.tags, created)
+
+    def _checked_upload(self, upload: KernelUpload, data: bytes) -> KernelArtifact:
+        """Refuse bytes that are not what the client meant (digest) or not a kernel for this
+        host (they must load, and a probe forward must give the host's output shape)."""
+        digest = digest_of(data)
+        if upload.digest is not None and upload.digest != digest:
+            raise DigestMismatchError(
+                f"the uploaded artifact has digest {digest} ({len(data)} bytes), "
+                f"not the declared {upload.digest}"
+            )
+        kernel_id = kernel_id_for(
+            {
+                "upload": digest,
+                "name": upload.name,
+                "format": upload.format,
+                "host": upload.host.model_dump(mode="json"),
+            }
+        )
+        meta = KernelMeta(
+            kernel_id=kernel_id,
+            name=upload.name,
+            format=upload.format,
+            host=upload.host,
+            digest=digest,
+            size_bytes=len(data),
+            blueprint=upload.blueprint,
+            blueprint_version=upload.blueprint_version,
+            default_blend=upload.default_blend,
+            lineage=upload.lineage_dict(),
+        )
+        template = deserialize(KernelArtifact(meta, data))
+        host_layer = upload.host.reference_module()
+        module = KernelExecutor().prepare(template, host_layer, kernel_id, "upload")
+        probe = probe_input(upload.host, batch=1)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            module(probe)
+        meta = meta.model_copy(
+            update={
+                "params": sum(p.numel() for p in module.parameters()),
+                "flops": int(counter.get_total_flops()),
+            }
+        )
+        artifact = KernelArtifact(meta, data)
+        return artifact.signed(self.signing_key) if self.signing_key else artifact
+
+    # ---------------------------------------------------------------- shared
+    async def _result(self, kernel_id: str, tags: list[str], created: bool) -> KernelResult:
+        def tag_and_read() -> tuple[KernelMeta, list[str]]:
+            for tag in tags:
+                self.store.set_tag(tag, kernel_id)
+            return self.store.get_kernel(kernel_id), self.store.tags_of(kernel_id)
+
+        meta, all_tags = await asyncio.to_thread(tag_and_read)
+        if created:
+            # The kernel is stored whatever happens to the event: announce in the background.
+            task = asyncio.get_running_loop().create_task(self.announce(meta, all_tags))
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
+        return KernelResult(kernel=meta, created=created, tags=all_tags)
+
+    async def close(self) -> None:
+        if self._announcing:
+            await asyncio.wait(self._announcing, timeout=5.0)
+        self._pool.shutdown(wait=True, cancel_futures=True)
