@@ -4,6 +4,7 @@ stop; idempotent submit; nothing lost when the API restarts."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import uuid
@@ -77,9 +78,11 @@ def test_a_job_runs_to_success_and_its_checkpoint_loads_into_esper_wrap(
 
 
 def test_a_decision_on_the_control_topic_germinates_a_seed_that_trains(
-    client: httpx.Client, stack_redis: RedisServer, prefix: str
+    client: httpx.Client, stack_redis: RedisServer, prefix: str, urza: ServiceProcess
 ) -> None:
-    spec = spirals_job(training={"epochs": 6}, morphogenesis={"ramp_steps": 10})
+    spec = spirals_job(
+        training={"epochs": 6}, morphogenesis={"ramp_steps": 10, "publish_kernels": True}
+    )
     job_id = client.post("/jobs", json=spec).json()["job_id"]
     wait_for(client, job_id, lambda v: v["status"] == "RUNNING")
     bus = redis.Redis.from_url(stack_redis.url)
@@ -111,10 +114,23 @@ def test_a_decision_on_the_control_topic_germinates_a_seed_that_trains(
     assert taken[bad]["outcome"] == "refused" and "no_such_layer" in taken[bad]["reason"]
     states = [e["payload"]["to_state"] for e in events if e["type"] == "event.seed_transition"]
     assert states[:3] == ["ALLOCATED", "LOADING", "ACTIVE"]
-    seed_params = [
-        s for e in events if e["type"] == "telemetry.report" for s in e["payload"]["seeds"]
-    ]
-    assert seed_params and seed_params[-1]["state"] == "ACTIVE"
+    reported = [s for e in events if e["type"] == "telemetry.report" for s in e["payload"]["seeds"]]
+    assert reported and reported[-1]["state"] == "ACTIVE"
+
+    # It trained: its weights moved away from the kernel Urza compiled (whose last layer is 0),
+    # and the trained kernel was published back to Urza with its lineage.
+    state = torch.load(
+        io.BytesIO(client.get(f"/jobs/{job_id}/checkpoint").content), weights_only=True
+    )
+    trained = {k: v for k, v in state["model"].items() if ".seeds.0." in k}
+    fresh = tiered_cache(redis_url=stack_redis.url, urza_url=urza.url)
+    template = asyncio.run(fresh.get(seeds[0]["kernel_id"])).template.state_dict()
+    assert trained and len(trained) == len(template)
+    assert any(not torch.equal(t, template[k.split(".seeds.0.", 1)[1]]) for k, t in trained.items())
+    published = httpx.get(f"{urza.url}/kernels", params={"blueprint": "wide_mlp"}).json()["items"]
+    mine = [k for k in published if k["lineage"].get("job_id") == job_id]
+    assert len(mine) == 1 and mine[0]["lineage"]["parent_kernel_id"] == seeds[0]["kernel_id"]
+    assert mine[0]["lineage"]["layer"] == "2" and mine[0]["lineage"]["seed"] == 0
 
 
 def test_stop_ends_a_running_job_and_a_queued_one(client: httpx.Client) -> None:
@@ -151,3 +167,28 @@ def test_restarting_the_api_loses_no_job(client: httpx.Client, tolaria: ServiceP
     for job_id in jobs:
         view = wait_for(client, job_id, lambda v: v["status"] == "SUCCEEDED", 180)
         assert view["progress"]["epoch"] == 1
+
+
+def test_a_job_without_morphogenesis_trains_the_plain_model_and_refuses_decisions(
+    client: httpx.Client, stack_redis: RedisServer, prefix: str
+) -> None:
+    spec = spirals_job(training={"epochs": 20, "batch_size": 8}, morphogenesis={"enabled": False})
+    job_id = client.post("/jobs", json=spec).json()["job_id"]
+    wait_for(client, job_id, lambda v: v["status"] == "RUNNING")
+    decision = ControlDecision(
+        decision_id="dec-off",
+        job_id=job_id,
+        action="germinate",
+        layer="2",
+        blueprint="wide_mlp",
+        reason="test",
+    )
+    bus = redis.Redis.from_url(stack_redis.url)
+    bus.xadd(f"{prefix}:control", {"envelope": Envelope.wrap(decision, source="test").encode()})
+    view = wait_for(client, job_id, lambda v: v["status"] in ("SUCCEEDED", "FAILED"))
+    assert view["status"] == "SUCCEEDED" and view["seeds"] == []
+    events = events_of(client, job_id)
+    assert [e["type"] for e in events].count("telemetry.report") == 20
+    refusals = [e["payload"] for e in events if e["type"] == "event.decision_taken"]
+    assert [r["outcome"] for r in refusals] == ["refused"]
+    assert "morphogenesis is off" in refusals[0]["reason"]

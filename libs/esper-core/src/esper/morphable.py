@@ -156,12 +156,14 @@ class MorphableModel(nn.Module):
 
     def step(self) -> None:
         """Call once per optimizer step: advances α ramps, ages seeds, polls circuit breakers."""
+        recycled = 0
         for layer in self._layers.values():
-            layer.advance()
-            layer.poll_health()
+            if not layer.all_dormant:
+                layer.advance()
+                layer.poll_health()
+            recycled += layer.recycled
         # Seeds retired since the last look (a ramp ending here, the breaker in a forward) leave
         # the optimizers; most steps retire nothing and skip the scan of every seed's params.
-        recycled = sum(layer.recycled for layer in self._layers.values())
         if recycled != self._recycled_seen:
             self._recycled_seen = recycled
             self._leave_optimizers()

@@ -190,6 +190,12 @@ class KasminaLayer(nn.Module):
     def free_seeds(self) -> list[int]:
         return [i for i, s in enumerate(self._states) if s is SeedState.DORMANT]
 
+    @property
+    def all_dormant(self) -> bool:
+        """Every slot empty: a step has nothing to advance (list.count runs in C, so this check
+        is cheap enough to make once per layer per training step)."""
+        return self._states.count(SeedState.DORMANT) == len(self._states)
+
     def running_seeds(self) -> tuple[int, ...]:
         return tuple(i for i, s in enumerate(self._states) if s in RUNNING_STATES)
 
@@ -349,7 +355,7 @@ class KasminaLayer(nn.Module):
     # ------------------------------------------------------------- per step
     def advance(self) -> None:
         """One training step passed: move ramps, age non-dormant seeds, finish retirements."""
-        if not any(s is not SeedState.DORMANT for s in self._states):
+        if self.all_dormant:
             return
         self.layout.steps_in_state += (self.layout.state != 0).to(torch.int64)
         for seed, ramp in list(self._ramps.items()):

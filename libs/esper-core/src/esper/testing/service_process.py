@@ -44,9 +44,10 @@ class ServiceProcess:
         ready_path: str = "/healthz",
         startup_timeout_s: float = 60.0,
         log_dir: str | os.PathLike[str] | None = None,
+        port: int | None = None,
     ) -> None:
         self.module = module
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
         self.env = {**os.environ, **(env or {}), port_env: str(self.port)}
         self.ready_path = ready_path
         self.startup_timeout_s = startup_timeout_s
