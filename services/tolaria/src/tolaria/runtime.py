@@ -90,6 +90,7 @@ class JobRuntime:
             max_log_lines=self.settings.max_log_lines,
         )
         self.producer = Producer(self.bus)
+        self._order = asyncio.Lock()
         self.consumer = Consumer(control_group(self.job_id), ["control"], settings=self.bus)
         self.consumer.register(ControlDecision, self._on_decision)
         self._tasks = [
@@ -135,7 +136,10 @@ class JobRuntime:
         self.fire(self._emit(envelope))
 
     async def _emit(self, envelope: Envelope) -> None:
-        await self.store.append_event(self.job_id, envelope)
+        # One lock orders the job's event stream: reports queued before this event stay before it.
+        async with self._order:
+            await self._drain_telemetry()
+            await self.store.append_event(self.job_id, envelope)
         await self.producer.publish(envelope)
 
     def telemetry(self, report: TelemetryReport) -> None:
@@ -145,6 +149,10 @@ class JobRuntime:
         self._telemetry.append(report)
 
     async def _publish_telemetry(self) -> None:
+        async with self._order:
+            await self._drain_telemetry()
+
+    async def _drain_telemetry(self) -> None:
         while self._telemetry:
             report = self._telemetry.popleft()
             envelope = Envelope.wrap(report, source=SOURCE)
