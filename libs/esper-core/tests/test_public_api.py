@@ -135,3 +135,26 @@ def test_submodule_exports_resolve() -> None:
         module = importlib.import_module(module_name)
         for name in getattr(module, "__all__", []):
             assert hasattr(module, name), f"{module_name}.{name}"
+
+
+@pytest.mark.parametrize(
+    "module", ["esper", "esper.contracts", "esper.bus", "esper.client", "esper.cli"]
+)
+def test_importing_the_contracts_bus_client_or_cli_does_not_load_torch(module: str) -> None:
+    """A process that only speaks contracts and the bus (the CLI, Tamiyo, Nissa) must not pay
+    torch's import time (~1.5 s): `import esper` re-exports lazily."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_lazy_names_resolve_to_the_real_objects() -> None:
+    from esper.morphable import wrap
+
+    assert esper.wrap is wrap
+    assert "wrap" in dir(esper)
+    with pytest.raises(AttributeError):
+        _ = esper.no_such_name  # type: ignore[attr-defined]

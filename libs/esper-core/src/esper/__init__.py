@@ -6,22 +6,27 @@ await morphable.load_kernel("layer1", seed_idx=0, kernel_id="efficiency_kernel_v
 morphable.set_seed_alpha("layer1", seed_idx=0, alpha=0.7)
 """
 
+from typing import TYPE_CHECKING
+
 from esper import exceptions
-from esper.blueprints import BUILTIN_BLUEPRINTS, BlueprintSpec, compile_blueprint, get_blueprint
+from esper._lazy import lazy_exports
 from esper.exceptions import EsperError
-from esper.kasmina import (
-    AlphaRamp,
-    BlendMode,
-    KasminaLayer,
-    LifecycleEvent,
-    SeedInfo,
-    SeedState,
-    StateLayout,
-)
-from esper.kernels import KernelArtifact, KernelCache, KernelExecutor, KernelMeta, KernelSource
-from esper.morphable import MorphableModel, wrap
-from esper.registry import LocalKernelRegistry, default_registry
-from esper.signature import HostSignature
+
+if TYPE_CHECKING:
+    from esper.blueprints import BUILTIN_BLUEPRINTS, BlueprintSpec, compile_blueprint, get_blueprint
+    from esper.kasmina import (
+        AlphaRamp,
+        BlendMode,
+        KasminaLayer,
+        LifecycleEvent,
+        SeedInfo,
+        SeedState,
+        StateLayout,
+    )
+    from esper.kernels import KernelArtifact, KernelCache, KernelExecutor, KernelMeta, KernelSource
+    from esper.morphable import MorphableModel, wrap
+    from esper.registry import LocalKernelRegistry, default_registry
+    from esper.signature import HostSignature
 
 __version__ = "0.1.0"
 
@@ -51,3 +56,28 @@ __all__ = [
     "get_blueprint",
     "wrap",
 ]
+
+_WHERE = {
+    "BUILTIN_BLUEPRINTS": "esper.blueprints",
+    "BlueprintSpec": "esper.blueprints",
+    "compile_blueprint": "esper.blueprints",
+    "get_blueprint": "esper.blueprints",
+    "AlphaRamp": "esper.kasmina",
+    "BlendMode": "esper.kasmina",
+    "KasminaLayer": "esper.kasmina",
+    "LifecycleEvent": "esper.kasmina",
+    "SeedInfo": "esper.kasmina",
+    "SeedState": "esper.kasmina",
+    "StateLayout": "esper.kasmina",
+    "KernelArtifact": "esper.kernels",
+    "KernelCache": "esper.kernels",
+    "KernelExecutor": "esper.kernels",
+    "KernelMeta": "esper.kernels",
+    "KernelSource": "esper.kernels",
+    "MorphableModel": "esper.morphable",
+    "wrap": "esper.morphable",
+    "LocalKernelRegistry": "esper.registry",
+    "default_registry": "esper.registry",
+    "HostSignature": "esper.signature",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch import nn
-from torch.nn.modules.lazy import LazyModuleMixin
 
 from esper.exceptions import UnsupportedHostError
+
+if TYPE_CHECKING:  # torch is imported where a module is inspected: contracts need no torch
+    from torch import nn
 
 Pair = tuple[int, int]
 
@@ -49,6 +50,9 @@ class HostSignature(BaseModel):
 
     @classmethod
     def of(cls, module: nn.Module) -> HostSignature:
+        from torch import nn
+        from torch.nn.modules.lazy import LazyModuleMixin
+
         if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
             raise UnsupportedHostError(
                 f"cannot wrap an uninitialized {type(module).__name__}: its sizes are unknown "
@@ -81,6 +85,8 @@ class HostSignature(BaseModel):
     def reference_module(self) -> nn.Module:
         """A fresh layer of this geometry, for checking a kernel where the real host is absent
         (Urza probes an uploaded kernel against one)."""
+        from torch import nn
+
         if self.kind == "linear":
             return nn.Linear(self.in_features, self.out_features)
         return nn.Conv2d(

@@ -1,5 +1,18 @@
-"""HTTP clients of Esper's services."""
+"""HTTP clients of Esper's services.
 
+    from esper.client import Esper
+    with Esper() as esper:                     # ESPER_<SERVICE>_URL, ESPER_API_TOKEN
+        job = esper.submit(spec)
+        for event in esper.events(job.job_id):
+            ...
+
+`AsyncEsper` is the same API awaited; `UrzaClient` compiles and uploads kernels (a training job's
+kernel provider). Every error a service answers is an `esper.exceptions.ServiceError`.
+"""
+
+from esper.client.aio import AsyncEsper
+from esper.client.calls import Event, ServiceUrls
+from esper.client.sync import Esper
 from esper.client.urza import UrzaClient
 
-__all__ = ["UrzaClient"]
+__all__ = ["AsyncEsper", "Esper", "Event", "ServiceUrls", "UrzaClient"]

@@ -3,7 +3,7 @@ decisions executed. Consumers count and display them; nobody asks for them to ha
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, cast, get_args
+from typing import TYPE_CHECKING, ClassVar, Literal, cast, get_args
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -27,8 +27,10 @@ from esper.contracts._types import (
     when,
 )
 from esper.contracts.envelope import Message, register
-from esper.kasmina.lifecycle import LEGAL_TRANSITIONS, LifecycleEvent
-from esper.kasmina.state import SeedState
+from esper.kasmina.states import LEGAL_TRANSITIONS, SeedState
+
+if TYPE_CHECKING:
+    from esper.kasmina.lifecycle import LifecycleEvent
 from esper.kernels.artifact import KernelFormat, KernelMeta
 from esper.signature import HostSignature
 

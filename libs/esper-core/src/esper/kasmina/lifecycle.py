@@ -8,19 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from esper.exceptions import IllegalTransitionError, SeedIndexError
-from esper.kasmina.state import SeedState, StateLayout
+from esper.kasmina.state import StateLayout
+from esper.kasmina.states import LEGAL_TRANSITIONS, SeedState
 
 log = logging.getLogger(__name__)
-
-S = SeedState
-LEGAL_TRANSITIONS: dict[SeedState, frozenset[SeedState]] = {
-    S.DORMANT: frozenset({S.ALLOCATED}),
-    S.ALLOCATED: frozenset({S.LOADING, S.DORMANT}),  # → DORMANT: allocation abandoned
-    S.LOADING: frozenset({S.ACTIVE, S.DORMANT}),  # → DORMANT: load failed
-    S.ACTIVE: frozenset({S.RETIRING}),  # errors, NaN, poor contribution, or asked to
-    S.RETIRING: frozenset({S.RECYCLING}),
-    S.RECYCLING: frozenset({S.DORMANT}),
-}
 
 
 @dataclass(frozen=True)

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from esper.kasmina.states import RUNNING_STATES, BlendMode, SeedState
 
-class SeedState(enum.IntEnum):
-    DORMANT = 0
-    ALLOCATED = 1
-    LOADING = 2
-    ACTIVE = 3
-    RETIRING = 4
-    RECYCLING = 5
-
-
-# A seed in one of these states runs in forward; every other state takes the dormant fast path.
-RUNNING_STATES = frozenset({SeedState.ACTIVE, SeedState.RETIRING})
-
-
-class BlendMode(enum.StrEnum):
-    ADD = "add"  # grows capacity; function-preserving at α = 0
-    LERP = "lerp"  # replaces the host's computation by the kernel's as α → 1
+__all__ = ["RUNNING_STATES", "BlendMode", "SeedState", "StateLayout"]
 
 
 class StateLayout(nn.Module):

@@ -1,0 +1,179 @@
+"""`esper jobs …`: submit, follow, list, inspect, stop, logs, checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from esper.cli.output import console, fail, fmt
+from esper.client import Esper
+from esper.client.calls import Event
+from esper.contracts import JobView
+
+app = typer.Typer(no_args_is_help=True, help="Training jobs on Tolaria.")
+Url = Annotated[
+    str | None, typer.Option("--url", help="Tolaria's URL (default $ESPER_TOLARIA_URL)")
+]
+
+
+def client(url: str | None = None) -> Esper:
+    from esper.client import ServiceUrls
+
+    return Esper(ServiceUrls.from_env(tolaria=url))
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(help="a job spec, YAML or JSON")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="show progress until it ends")
+    ] = False,
+    url: Url = None,
+) -> None:
+    """Submit a job; --follow shows a live progress bar (epoch, loss, accuracy) and seed events."""
+    if not spec.is_file():
+        fail(f"no such file: {spec}")
+    with client(url) as esper:
+        submitted = esper.submit_yaml(spec.read_text())
+        verb = "submitted" if submitted.created else "already submitted (same submission_id)"
+        console.print(f"{verb}: [bold]{submitted.job_id}[/] ({submitted.status})")
+        if follow:
+            view = follow_job(esper, submitted.job_id)
+            raise typer.Exit(0 if view.status == "SUCCEEDED" else 1)
+
+
+def describe_event(event: Event) -> str | None:
+    """One line for a seed transition, a decision or a status change; None for the rest."""
+    p = event.payload
+    if event.type == "event.seed_transition":
+        return f"seed {p['layer']}[{p['seed']}] {p['from_state']} → {p['to_state']}: {p['reason']}"
+    if event.type == "event.decision_taken":
+        return f"decision {p['action']} {p['layer']}: {p['outcome']} — {p['reason']}"
+    if event.type == "event.job_status":
+        return f"job {p['status']}" + (f": {p['error']}" if p.get("error") else "")
+    return None
+
+
+def follow_job(esper: Esper, job_id: str) -> JobView:
+    view = esper.job(job_id)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("{task.fields[metrics]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(job_id, total=view.spec.training.epochs, metrics="")
+        for event in esper.events(job_id):
+            if event.type == "end":
+                break
+            if event.type == "telemetry.report" and event.payload.get("kind") == "epoch":
+                p = event.payload
+                metrics = (
+                    f"loss {fmt(p.get('train_loss'))}  val loss {fmt(p.get('val_loss'))}  "
+                    f"val acc {fmt(p.get('val_accuracy'), 3)}"
+                )
+                progress.update(task, completed=p["epoch"] + 1, metrics=metrics)
+            line = describe_event(event)
+            if line:
+                progress.console.print(f"  {line}")
+    view = esper.job(job_id)
+    show(view)
+    return view
+
+
+def show(view: JobView) -> None:
+    m = view.metrics
+    colour = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow"}.get(view.status, "cyan")
+    console.print(
+        f"[bold]{view.job_id}[/] [{colour}]{view.status}[/] epoch {view.progress.epoch}/"
+        f"{view.progress.epochs}  val acc {fmt(m.val_accuracy, 3)}  test acc "
+        f"{fmt(m.test_accuracy, 3)}  samples/s {fmt(m.samples_per_s, 0)}"
+    )
+    if view.error:
+        console.print(f"  error: {view.error}")
+    for seed in view.seeds:
+        console.print(
+            f"  seed {seed.layer}[{seed.seed}] {seed.state} α={seed.alpha:.2f} "
+            f"{seed.blueprint or seed.kernel_id} contribution {fmt(seed.contribution, 3)}"
+        )
+
+
+@app.command("list")
+def list_jobs(
+    status: Annotated[
+        str | None, typer.Option(help="PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED")
+    ] = None,
+    limit: int = 50,
+    url: Url = None,
+) -> None:
+    """Jobs, newest first."""
+    with client(url) as esper:
+        page = esper.jobs(status, limit)
+    table = Table("job", "name", "status", "epoch", "val acc", "seeds")
+    for v in page.items:
+        table.add_row(
+            v.job_id,
+            v.name or "",
+            v.status,
+            f"{v.progress.epoch}/{v.progress.epochs}",
+            fmt(v.metrics.val_accuracy, 3),
+            str(len(v.seeds)),
+        )
+    console.print(table)
+
+
+@app.command()
+def status(
+    job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False, url: Url = None
+) -> None:
+    """One job: status, progress, metrics, seeds."""
+    with client(url) as esper:
+        view = esper.job(job_id)
+    if as_json:
+        console.print_json(view.model_dump_json())
+    else:
+        show(view)
+
+
+@app.command()
+def stop(job_id: str, url: Url = None) -> None:
+    """Stop a job (a running one stops within a step and keeps its checkpoint)."""
+    with client(url) as esper:
+        view = esper.stop(job_id)
+    console.print(f"{job_id}: {view.status}" + (" (stopping)" if view.status == "RUNNING" else ""))
+
+
+@app.command()
+def logs(
+    job_id: str,
+    tail: Annotated[int | None, typer.Option(help="last N lines")] = None,
+    url: Url = None,
+) -> None:
+    """The job's log."""
+    with client(url) as esper:
+        console.out(esper.logs(job_id, tail), end="")
+
+
+@app.command()
+def checkpoint(
+    job_id: str,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="default: <job_id>.pt")] = None,
+    url: Url = None,
+) -> None:
+    """Download the job's last checkpoint (load with torch.load(path, weights_only=True))."""
+    with client(url) as esper:
+        data = esper.checkpoint(job_id)
+    path = out or Path(f"{job_id}.pt")
+    path.write_bytes(data)
+    console.print(f"wrote {path} ({len(data)} bytes)")
+
+
+def dump(obj: object) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,189 @@
+"""What the clients ask the services, as data: each endpoint builds a `Call` (service, method,
+path, arguments, how to read the answer). `Esper` runs calls with httpx.Client, `AsyncEsper` with
+httpx.AsyncClient, so both speak the same API and neither repeats its details."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from esper.contracts import JobSpec, JobSubmitted, JobView, Page
+from esper.exceptions import ServiceError
+from esper.kernels.artifact import KernelMeta
+
+T = TypeVar("T")
+SERVICES = ("tolaria", "tamiyo", "nissa", "urza")
+DEFAULT_PORTS = {"tolaria": 8001, "tamiyo": 8002, "nissa": 8003, "urza": 8004}
+
+
+@dataclass(frozen=True)
+class ServiceUrls:
+    """Where each service answers: `ESPER_<SERVICE>_URL`, else localhost on its default port."""
+
+    tolaria: str
+    tamiyo: str
+    nissa: str
+    urza: str
+
+    @classmethod
+    def from_env(cls, **overrides: str | None) -> ServiceUrls:
+        urls = {}
+        for name in SERVICES:
+            given = overrides.get(name) or os.environ.get(f"ESPER_{name.upper()}_URL")
+            urls[name] = (given or f"http://127.0.0.1:{DEFAULT_PORTS[name]}").rstrip("/")
+        return cls(**urls)
+
+    def of(self, service: str) -> str:
+        url: str = getattr(self, service)
+        return url
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    service: str
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def raise_for_error(service: str, response: httpx.Response) -> None:
+    """Every service answers errors as `{"error": {type, message, ...}}`: one typed exception."""
+    if response.is_success:
+        return
+    try:
+        error = response.json()["error"]
+        kind, message = str(error["type"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        kind, message = "error", response.text[:500] or response.reason_phrase
+    raise ServiceError(service, response.status_code, kind, message)
+
+
+def _json(response: httpx.Response) -> Any:
+    return response.json()
+
+
+# ------------------------------------------------------------------ tolaria
+def submit_job(spec: JobSpec | dict[str, Any]) -> Call[JobSubmitted]:
+    body = spec.model_dump(mode="json", exclude_none=True) if isinstance(spec, JobSpec) else spec
+    return Call(
+        "tolaria", "POST", "/jobs", lambda r: JobSubmitted.model_validate(r.json()), {"json": body}
+    )
+
+
+def submit_job_yaml(text: str) -> Call[JobSubmitted]:
+    return Call(
+        "tolaria",
+        "POST",
+        "/jobs",
+        lambda r: JobSubmitted.model_validate(r.json()),
+        {"content": text.encode(), "headers": {"Content-Type": "application/yaml"}},
+    )
+
+
+def job(job_id: str) -> Call[JobView]:
+    return Call("tolaria", "GET", f"/jobs/{job_id}", lambda r: JobView.model_validate(r.json()))
+
+
+def jobs(
+    status: str | None = None, limit: int = 100, cursor: str | None = None
+) -> Call[Page[JobView]]:
+    params: dict[str, Any] = {"limit": limit}
+    if status:
+        params["status"] = status
+    if cursor:
+        params["cursor"] = cursor
+    return Call(
+        "tolaria",
+        "GET",
+        "/jobs",
+        lambda r: Page[JobView].model_validate(r.json()),
+        {"params": params},
+    )
+
+
+def stop_job(job_id: str) -> Call[JobView]:
+    return Call(
+        "tolaria", "POST", f"/jobs/{job_id}/stop", lambda r: JobView.model_validate(r.json())
+    )
+
+
+def job_logs(job_id: str, tail: int | None = None) -> Call[str]:
+    params = {"tail": tail} if tail else {}
+    return Call("tolaria", "GET", f"/jobs/{job_id}/logs", lambda r: r.text, {"params": params})
+
+
+def job_checkpoint(job_id: str) -> Call[bytes]:
+    return Call("tolaria", "GET", f"/jobs/{job_id}/checkpoint", lambda r: r.content)
+
+
+# --------------------------------------------------------------------- urza
+def kernels(
+    blueprint: str | None = None, name: str | None = None, tag: str | None = None, limit: int = 100
+) -> Call[Page[KernelMeta]]:
+    params = {k: v for k, v in {"blueprint": blueprint, "name": name, "tag": tag}.items() if v}
+    return Call(
+        "urza",
+        "GET",
+        "/kernels",
+        lambda r: Page[KernelMeta].model_validate(r.json()),
+        {"params": {**params, "limit": limit}},
+    )
+
+
+def blueprints() -> Call[list[dict[str, Any]]]:
+    return Call("urza", "GET", "/blueprints", lambda r: list(r.json()["items"]))
+
+
+# -------------------------------------------------------------------- probes
+def readiness(service: str) -> Call[dict[str, Any]]:
+    """`/readyz` of a service; a 503 (not ready) is an answer here, not an error."""
+    return Call(service, "GET", "/readyz", _json)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One server-sent event of a job: `type` is the message type (`telemetry.report`,
+    `event.seed_transition`, …, or `end`), `data` the envelope (or, for `end`, the status)."""
+
+    id: str | None
+    type: str
+    data: dict[str, Any]
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        payload: dict[str, Any] = self.data.get("payload", self.data)
+        return payload
+
+
+class SSEParser:
+    """Lines of a text/event-stream → Events (the subset the services send: id, event, data)."""
+
+    def __init__(self) -> None:
+        self._id: str | None = None
+        self._type = "message"
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> Event | None:
+        if not line:
+            if not self._data:
+                return None
+            event = Event(self._id, self._type, json.loads("\n".join(self._data)))
+            self._type, self._data = "message", []
+            return event
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "id":
+            self._id = value
+        elif name == "event":
+            self._type = value
+        elif name == "data":
+            self._data.append(value)
+        return None

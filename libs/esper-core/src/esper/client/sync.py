@@ -1,0 +1,100 @@
+"""`Esper`: the synchronous client of the whole stack (httpx.Client)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import httpx
+
+from esper.client import calls
+from esper.client.calls import Call, Event, ServiceUrls, SSEParser, raise_for_error
+from esper.contracts import JobSpec, JobSubmitted, JobView, Page
+from esper.exceptions import ServiceError
+from esper.kernels.artifact import KernelMeta
+
+T = TypeVar("T")
+
+
+class Esper:
+    """`Esper()` talks to the services at `ESPER_<SERVICE>_URL` (default localhost:8001–8004)
+    with `ESPER_API_TOKEN` as bearer token. Errors are `esper.exceptions.ServiceError`."""
+
+    def __init__(
+        self,
+        urls: ServiceUrls | None = None,
+        *,
+        token: str | None = None,
+        timeout_s: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.urls = urls or ServiceUrls.from_env()
+        token = token if token is not None else os.environ.get("ESPER_API_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(headers=headers, timeout=timeout_s, transport=transport)
+
+    def run(self, call: Call[T], *, accept: tuple[int, ...] = ()) -> T:
+        url = self.urls.of(call.service) + call.path
+        try:
+            response = self._http.request(call.method, url, **call.kwargs)
+        except httpx.HTTPError as err:
+            raise ServiceError(call.service, 503, "unreachable", f"{url}: {err}") from err
+        if response.status_code not in accept:
+            raise_for_error(call.service, response)
+        return call.parse(response)
+
+    # jobs
+    def submit(self, spec: JobSpec | dict[str, Any]) -> JobSubmitted:
+        return self.run(calls.submit_job(spec))
+
+    def submit_yaml(self, text: str) -> JobSubmitted:
+        return self.run(calls.submit_job_yaml(text))
+
+    def job(self, job_id: str) -> JobView:
+        return self.run(calls.job(job_id))
+
+    def jobs(self, status: str | None = None, limit: int = 100) -> Page[JobView]:
+        return self.run(calls.jobs(status, limit))
+
+    def stop(self, job_id: str) -> JobView:
+        return self.run(calls.stop_job(job_id))
+
+    def logs(self, job_id: str, tail: int | None = None) -> str:
+        return self.run(calls.job_logs(job_id, tail))
+
+    def checkpoint(self, job_id: str) -> bytes:
+        return self.run(calls.job_checkpoint(job_id))
+
+    def events(self, job_id: str, timeout_s: float | None = None) -> Iterator[Event]:
+        """The job's events from its start, then live, ending with an `end` event."""
+        url = f"{self.urls.tolaria}/jobs/{job_id}/events"
+        parser = SSEParser()
+        with self._http.stream("GET", url, timeout=timeout_s) as response:
+            if not response.is_success:
+                response.read()
+                raise_for_error("tolaria", response)
+            for line in response.iter_lines():
+                event = parser.feed(line)
+                if event is not None:
+                    yield event
+
+    # urza
+    def kernels(self, **filters: Any) -> Page[KernelMeta]:
+        return self.run(calls.kernels(**filters))
+
+    def blueprints(self) -> list[dict[str, Any]]:
+        return self.run(calls.blueprints())
+
+    # probes
+    def readiness(self, service: str) -> dict[str, Any]:
+        return self.run(calls.readiness(service), accept=(503,))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Esper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
