@@ -75,6 +75,7 @@ def start_attempt(runtime: JobRuntime) -> JobView | None:
 
 
 def finish(runtime: JobRuntime, status: JobStatus, error: str | None, **fields: object) -> None:
+    runtime.call(runtime.drop_control_group())
     view = runtime.call(
         runtime.store.set_fields(
             runtime.job_id, status=status, error=error, finished_at=time.time(), **fields

@@ -114,6 +114,10 @@ class JobRuntime:
             task.cancel()
         await self._ship_logs()
         await self._publish_telemetry()
+        try:
+            await self._beat()
+        except Exception as err:
+            log.warning("last job heartbeat not published: %s", err)
         await self.producer.flush()
         await self.producer.close()
         await self.consumer.close()
@@ -188,24 +192,36 @@ class JobRuntime:
             except Exception as err:
                 log.warning("job logs not shipped: %s", err)
 
+    async def _beat(self) -> None:
+        details = {"job_id": self.job_id, **self.heartbeat_details()}
+        beat = Heartbeat(
+            service=JOB_SERVICE,
+            instance=self.job_id,
+            status="ok",
+            started_at=self.started_at,
+            interval_s=HEARTBEAT_S,
+            details=details,
+        )
+        await self.producer.publish(Envelope.wrap(beat, source=SOURCE, job_id=self.job_id))
+
     async def _beat_forever(self) -> None:
         """A job process says it is alive, and how its kernel cache does (cumulative counters
-        per tier: `cache.<tier>.hits`), so Nissa can count cache hits across every job."""
+        per tier: `cache.<tier>.hits`), so Nissa can count cache hits across every job. The
+        first beat waits one interval (the trainer attaches its counters meanwhile); the last
+        goes out when the process closes, so a short job's counts are not lost."""
         while True:
+            await asyncio.sleep(HEARTBEAT_S)
             try:
-                details = {"job_id": self.job_id, **self.heartbeat_details()}
-                beat = Heartbeat(
-                    service=JOB_SERVICE,
-                    instance=self.job_id,
-                    status="ok",
-                    started_at=self.started_at,
-                    interval_s=HEARTBEAT_S,
-                    details=details,
-                )
-                await self.producer.publish(Envelope.wrap(beat, source=SOURCE, job_id=self.job_id))
+                await self._beat()
             except Exception as err:
                 log.warning("job heartbeat not published: %s", err)
-            await asyncio.sleep(HEARTBEAT_S)
+
+    async def drop_control_group(self) -> None:
+        """A finished job reads no more decisions: its control group would only grow."""
+        try:
+            await self.redis.xgroup_destroy(self.bus.stream("control"), control_group(self.job_id))
+        except Exception as err:
+            log.warning("control group of %s not removed: %s", self.job_id, err)
 
     # -------------------------------------------------------- stop, decisions
     async def _poll_stop(self) -> None:

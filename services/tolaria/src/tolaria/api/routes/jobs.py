@@ -4,6 +4,7 @@ read the logs, download the checkpoint, delete when finished."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -161,6 +162,8 @@ async def delete_job(job_id: JobId, store: StoreDep, settings: SettingsDep) -> N
         raise ApiError(409, "conflict", str(err), ["path", "job_id"]) from None
     path = checkpoint.path_for(settings.work_dir, job_id)
     await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
+    with contextlib.suppress(Exception):  # gone already when the job finished
+        await store.redis.xgroup_destroy(settings.bus.stream("control"), control_group(job_id))
 
 
 @router.get("/{job_id}/logs", response_class=PlainTextResponse, responses=_ERRORS)

@@ -1,0 +1,3 @@
+"""Nissa: the observability service of Esper (metrics, service health, job reports)."""
+
+__version__ = "0.1.0"

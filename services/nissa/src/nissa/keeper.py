@@ -1,0 +1,87 @@
+"""Nissa's housekeeping: drop jobs past retention (every `housekeeping_interval_s`), and write
+job reports to disk (every `snapshot_interval_s`, and once more on shutdown).
+
+A report is written when its job changed since the last write and its status is known; the
+writes run in a thread, so a slow disk never stalls the consumers or a scrape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from nissa.reports import JobReport, ReportStore
+from nissa.state import NissaState
+
+log = logging.getLogger("nissa.keeper")
+PRUNE_EVERY_S = 60.0
+
+
+class Keeper:
+    def __init__(self, state: NissaState, store: ReportStore) -> None:
+        self.state = state
+        self.store = store
+        self._tasks: list[asyncio.Task[None]] = []
+        self.written = 0
+        self._pruned_at = 0.0
+
+    async def restore(self) -> int:
+        """Track again the jobs whose stored reports are still within retention."""
+        reports = await asyncio.to_thread(self.store.load_all)
+        restored = sum(self.state.restore(report) for report in reports)
+        if restored:
+            log.info("restored %d jobs from %s", restored, self.store.root)
+        return restored
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._every(self.state.settings.housekeeping_interval_s, self.tidy)),
+            loop.create_task(self._every(self.state.settings.snapshot_interval_s, self.save)),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.save()
+
+    async def _every(self, seconds: float, action: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await action()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("housekeeping step failed")
+
+    async def tidy(self) -> None:
+        self.state.housekeeping()
+
+    async def save(self) -> None:
+        """Write the reports of changed jobs (and of jobs dropped before they were written)."""
+        state = self.state
+        reports: list[JobReport] = list(state.unsaved.values())
+        state.unsaved.clear()
+        for job in state.jobs.values():
+            if job.dirty and job.status != "UNKNOWN":
+                reports.append(job.to_report(state.kernels))
+                job.dirty = False
+        if reports or time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
+            await asyncio.to_thread(self._write, reports)
+
+    def _write(self, reports: list[JobReport]) -> None:
+        for report in reports:
+            try:
+                self.store.write(report)
+                self.written += 1
+            except OSError as err:
+                log.error("report of %s not written: %s", report.job_id, err)
+        if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
+            self._pruned_at = time.monotonic()
+            self.store.prune()
