@@ -7,12 +7,12 @@ PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-SERVICES := urza tolaria
+SERVICES := urza tolaria tamiyo nissa
 PACKAGES := libs/esper-core $(foreach s,$(SERVICES),services/$(s))
-TESTS := libs/esper-core/tests $(foreach s,$(SERVICES),services/$(s)/tests)
+TESTS := libs/esper-core/tests $(foreach s,$(SERVICES),services/$(s)/tests) tests/integration
 LINTED := libs services benchmarks examples
 
-.PHONY: dev test lint bench demo proto clean
+.PHONY: dev test test-tools e2e lint bench up demo proto clean
 
 $(STAMP): constraints.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ $(STAMP): constraints.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 
 dev: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(BIN)/python -m pytest $(TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# promtool and chromium for Nissa's config and report tests (Debian packages; skipped without apt).
+test-tools:
+	@bash deploy/install-test-tools.sh
+
+# The compose stack end to end (starts a Docker engine with ../shared/tools/docker-sandbox if none).
+e2e: $(STAMP)
+	bash deploy/docker/e2e.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
@@ -32,8 +40,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
+# The main job: the local stack, then the growth demo job beside the same job without growth.
 demo: $(STAMP)
-	$(BIN)/python examples/grow_spirals.py
+	$(BIN)/esper demo
+
+# The local stack (Redis + the four services) in the foreground; Ctrl-C stops it.
+up: $(STAMP)
+	$(BIN)/esper up
 
 # The JSON Schemas under proto/ are generated from esper.contracts; commit what this writes.
 proto: $(STAMP)

@@ -3,7 +3,8 @@
 Each case builds a real job — JobTrainer with its JobRuntime on a real redis-server, the model
 wrapped with dormant seed slots, telemetry on (a step report every 100 steps, an epoch report per
 epoch) — and, beside it, the same model (same init), data, batch order, batch size and optimizer
-in the loop one writes by hand (shuffle, then forward, loss, backward, step per batch). Rounds time one epoch of each back to back in alternating order;
+in the loop one writes by hand (shuffle, then forward, loss, backward, step per batch). Rounds
+time one epoch of each back to back in alternating order;
 the figure is the median over rounds of samples/s(Tolaria) / samples/s(plain).
 
 Cases: the growth demo's small MLP (2-8-8-2 tanh, batch 64, as in examples/grow_spirals.py) on

@@ -54,7 +54,7 @@ class LocalStack:
         unknown = [s for s in services if s not in SERVICES]
         if unknown:
             raise ValueError(f"unknown services {unknown}; known: {', '.join(SERVICES)}")
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # redis-server chdirs into its dir: paths must be absolute
         self.names = [s for s in START_ORDER if s in services]
         self.fixed_ports = fixed_ports
         self.extra_env = dict(env or {})

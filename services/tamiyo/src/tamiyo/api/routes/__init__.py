@@ -1,0 +1,1 @@
+"""Tamiyo's routers, one module per resource."""

@@ -1,0 +1,330 @@
+"""The controller: consumes telemetry and events in the consumer group `tamiyo`, runs the
+bookkeeping and the policy on the job's state, and publishes the decisions.
+
+Every message is handled in one `TamiyoStore.transact`: read the job's state, apply the message,
+ask the policy, write the state and XADD the decisions in one MULTI/EXEC. A decision's id is
+derived from the job and the id of the message that triggered it, so running the same handling
+again (after a compare-and-set conflict, say) yields the same decision, never a second one; and
+since the state written with it says the message was handled, a redelivered message decides
+nothing. Operators' decisions (`POST /jobs/{id}/decisions`) go through the same path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pydantic import ValidationError
+
+from esper.bus import Consumer, Delivery
+from esper.contracts import (
+    ControlDecision,
+    DecisionTaken,
+    Envelope,
+    JobStatusChanged,
+    Message,
+    SeedTransition,
+    TelemetryReport,
+    clip,
+)
+from esper.contracts.jobs import HostKind
+from esper.service import ApiError
+from tamiyo import tracking
+from tamiyo.catalogue import Catalogue
+from tamiyo.checks import check_manual
+from tamiyo.choice import BlueprintInfo
+from tamiyo.config import PolicyConfig
+from tamiyo.models import DecisionRecord, JobState, ManualDecision, Origin
+from tamiyo.policy import Context, Policy, Proposal
+from tamiyo.settings import TamiyoSettings
+from tamiyo.store import Change, TamiyoStore
+
+log = logging.getLogger("tamiyo.controller")
+GROUP = "tamiyo"
+SOURCE = "tamiyo"
+
+
+def derive_decision_id(job_id: str, trigger: str, index: int) -> str:
+    """The same (job, triggering message, position) always names the same decision."""
+    digest = hashlib.sha256(f"{job_id}\x00{trigger}\x00{index}".encode()).hexdigest()
+    return f"tmy-{digest[:24]}"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, store: TamiyoStore) -> None:
+        self.decisions = Counter(
+            "esper_tamiyo_decisions",
+            "Decisions published, by action and source",
+            ["action", "source"],
+            registry=registry,
+        )
+        self.messages = Counter(
+            "esper_tamiyo_messages",
+            "Telemetry and events handled, by type and result (applied or ignored)",
+            ["type", "result"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "esper_tamiyo_decision_latency_seconds",
+            "From the triggering telemetry's publish (envelope ts) to the decision's XADD",
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        )
+        conflicts = Gauge(
+            "esper_tamiyo_state_conflicts",
+            "Handlings run again because another writer changed the job's state first",
+            registry=registry,
+        )
+        conflicts.set_function(lambda: float(store.conflicts))
+
+
+class Controller:
+    def __init__(
+        self,
+        settings: TamiyoSettings,
+        store: TamiyoStore,
+        catalogue: Catalogue,
+        policy: Policy,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.store = store
+        self.catalogue = catalogue
+        self.policy = policy
+        self.max_report_age_s = settings.max_report_age_s
+        self.metrics = Metrics(registry or CollectorRegistry(), store)
+        self.consumer = Consumer(
+            GROUP,
+            ["telemetry", "events"],
+            settings=settings.bus,
+            name=f"{settings.instance}-controller",
+        )
+        self.consumer.register(TelemetryReport, self._on_report)
+        for event in (SeedTransition, DecisionTaken, JobStatusChanged):
+            self.consumer.register(event, self._on_event)
+
+    def start(self) -> None:
+        self.consumer.start()
+
+    async def stop(self) -> None:
+        await self.consumer.stop(timeout=10)
+        await self.consumer.close()
+
+    # -------------------------------------------------------------- telemetry
+    async def _on_report(self, delivery: Delivery) -> None:
+        report = delivery.message
+        assert isinstance(report, TelemetryReport)
+        kinds = await self._kernel_kinds(report)
+        catalogue, source = await self.catalogue.entries()
+        trigger = delivery.envelope.id
+        age = time.time() - delivery.envelope.ts
+
+        def mutate(stored: JobState | None, config: PolicyConfig) -> Change | None:
+            state = stored if stored is not None else tracking.new_state(report.job_id)
+            if not tracking.ingest_report(state, report, config, kinds):
+                return None
+            proposals: list[Proposal] = []
+            if report.kind == "epoch" and age > self.max_report_age_s:
+                # A backlog (Tamiyo was down, or a new group reads old history): the job has
+                # moved on since, so the report is recorded but not acted on.
+                state.note = f"epoch {report.epoch} report is {age:.0f} s old: recorded only"
+            elif report.kind == "epoch":
+                context = Context(config, catalogue, source)
+                proposals = self.policy.on_report(state, report, context)
+            return self._change(state, proposals, trigger, config)
+
+        change = await self.store.transact(report.job_id, mutate)
+        self._count(report, change, delivery.envelope.ts)
+
+    async def _kernel_kinds(self, report: TelemetryReport) -> dict[str, HostKind]:
+        """Host kinds of the report's kernels (telemetry does not say a layer's kind; Urza knows
+        each kernel's host). Asked outside the transaction: HTTP must not hold it open."""
+        kinds: dict[str, HostKind] = {}
+        for seed in report.seeds:
+            if seed.kernel_id is not None and seed.kernel_id not in kinds:
+                kind = await self.catalogue.kernel_kind(seed.kernel_id)
+                if kind is not None:
+                    kinds[seed.kernel_id] = kind
+        return kinds
+
+    # ----------------------------------------------------------------- events
+    async def _on_event(self, delivery: Delivery) -> None:
+        event = delivery.message
+        assert isinstance(event, SeedTransition | DecisionTaken | JobStatusChanged)
+        if isinstance(event, DecisionTaken):
+            await self.store.record_outcome(event)
+        catalogue, source = await self.catalogue.entries()
+        trigger = delivery.envelope.id
+
+        def mutate(stored: JobState | None, config: PolicyConfig) -> Change | None:
+            if stored is None:
+                # Events never create a job's state, except the one that says it started.
+                if not (isinstance(event, JobStatusChanged) and event.status == "RUNNING"):
+                    return None
+                stored = tracking.new_state(event.job_id)
+            if not tracking.ingest_event(stored, event, config):
+                return None
+            proposals = self.policy.on_event(stored, event, Context(config, catalogue, source))
+            return self._change(stored, proposals, trigger, config)
+
+        change = await self.store.transact(event.job_id, mutate)
+        self._count(event, change, delivery.envelope.ts)
+
+    # -------------------------------------------------------------- decisions
+    def _change(
+        self, state: JobState, proposals: Sequence[Proposal], trigger: str, config: PolicyConfig
+    ) -> Change:
+        change = Change(state)
+        for index, proposal in enumerate(proposals):
+            decision = build_decision(
+                state.job_id, derive_decision_id(state.job_id, trigger, index), proposal, trigger
+            )
+            self._add(change, decision, "tamiyo", config, trigger)
+        return change
+
+    def _add(
+        self,
+        change: Change,
+        decision: ControlDecision,
+        origin: Origin,
+        config: PolicyConfig,
+        trigger: str | None,
+    ) -> DecisionRecord:
+        state = change.state
+        tracking.register_decision(state, decision, origin, config)
+        source: Literal["tamiyo", "operator"] = "operator" if origin == "operator" else "tamiyo"
+        record = DecisionRecord(
+            decision=decision,
+            source=source,
+            policy=self.policy.name if source == "tamiyo" else "operator",
+            trigger=trigger,
+            epoch=state.last_epoch,
+        )
+        change.envelopes.append(
+            Envelope.wrap(decision, source=SOURCE, correlation_id=trigger or decision.decision_id)
+        )
+        change.records.append(record)
+        seed = "any free seed" if decision.seed is None else f"seed {decision.seed}"
+        state.note = f"{source} decided {decision.action} ({seed} of layer {decision.layer!r})"
+        return record
+
+    def _count(self, message: Message, change: Change | None, sent_at: float) -> None:
+        self.metrics.messages.labels(message.TYPE, "ignored" if change is None else "applied").inc()
+        if change is None:
+            return
+        for envelope in change.envelopes:
+            action = envelope.payload["action"]
+            self.metrics.decisions.labels(action, "tamiyo").inc()
+            self.metrics.latency.observe(max(0.0, time.time() - sent_at))
+            job_id, decision_id = change.state.job_id, envelope.payload["decision_id"]
+            log.info(
+                "job %s: %s %s",
+                job_id,
+                action,
+                envelope.payload["reason"],
+                extra={"job_id": job_id, "decision_id": decision_id},
+            )
+
+    # ------------------------------------------------------------- operators
+    async def manual(self, job_id: str, body: ManualDecision) -> tuple[DecisionRecord, bool]:
+        """Validate and publish an operator's decision; (record, created). The same
+        `decision_id` again returns the first record (created False)."""
+        decision = _manual_decision(job_id, body)
+        existing = await self.store.decision(decision.decision_id)
+        if existing is not None:
+            return _same_or_conflict(existing, decision), False
+        blueprint = await self._blueprint(decision)
+        result: list[DecisionRecord] = []
+
+        def mutate(stored: JobState | None, config: PolicyConfig) -> Change | None:
+            if stored is None:
+                raise ApiError(
+                    404,
+                    "unknown_job",
+                    f"Tamiyo has no state for job {job_id!r}: it has seen no telemetry nor "
+                    "start event of it",
+                    ["path", "job_id"],
+                )
+            if decision.decision_id in stored.decisions:
+                return None  # the same request, racing: the first one published it
+            check_manual(stored, decision, blueprint)
+            change = Change(stored)
+            result.append(self._add(change, decision, "operator", config, None))
+            return change
+
+        change = await self.store.transact(job_id, mutate)
+        if change is None:
+            record = await self.store.decision(decision.decision_id)
+            assert record is not None
+            return _same_or_conflict(record, decision), False
+        self.metrics.decisions.labels(decision.action, "operator").inc()
+        return result[0], True
+
+    async def _blueprint(self, decision: ControlDecision) -> BlueprintInfo | None:
+        if decision.blueprint is None:
+            return None
+        try:
+            found = await self.catalogue.find(decision.blueprint)
+        except LookupError as err:
+            raise ApiError(
+                503, "urza_unavailable", f"cannot check the blueprint: {err}", ["body", "blueprint"]
+            ) from None
+        if found is None:
+            raise ApiError(
+                422,
+                "unknown_blueprint",
+                f"Urza has no blueprint {decision.blueprint!r}",
+                ["body", "blueprint"],
+            )
+        return found
+
+
+def build_decision(job_id: str, decision_id: str, p: Proposal, trigger: str) -> ControlDecision:
+    evidence = {**p.evidence, "trigger": trigger}
+    return ControlDecision(
+        decision_id=decision_id,
+        job_id=job_id,
+        action=p.action,
+        layer=p.layer,
+        seed=p.seed,
+        blueprint=p.blueprint,
+        blend=p.blend,
+        strategy=p.strategy,
+        ramp_steps=p.ramp_steps,
+        alpha=p.alpha,
+        reason=clip(p.reason),
+        evidence={k: clip(v) if isinstance(v, str) else v for k, v in evidence.items()},
+    )
+
+
+def _manual_decision(job_id: str, body: ManualDecision) -> ControlDecision:
+    fields = body.model_dump(exclude={"decision_id"})
+    decision_id = body.decision_id or f"op-{uuid.uuid4().hex[:24]}"
+    try:
+        return ControlDecision(decision_id=decision_id, job_id=job_id, **fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ApiError(
+            422,
+            "invalid_decision",
+            f"not a valid decision: {message}",
+            ["body", *[str(p) for p in first["loc"]]],
+        ) from None
+
+
+def _same_or_conflict(existing: DecisionRecord, decision: ControlDecision) -> DecisionRecord:
+    if existing.decision.job_id != decision.job_id or existing.decision.model_dump(
+        exclude={"decision_id"}
+    ) != decision.model_dump(exclude={"decision_id"}):
+        raise ApiError(
+            409,
+            "conflict",
+            f"decision {decision.decision_id} exists with other content",
+            ["body", "decision_id"],
+        )
+    return existing

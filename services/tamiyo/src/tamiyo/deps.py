@@ -1,0 +1,39 @@
+"""Dependencies routes declare with `Annotated`; tests override `get_settings`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from tamiyo.catalogue import Catalogue
+from tamiyo.controller import Controller
+from tamiyo.settings import TamiyoSettings
+from tamiyo.store import TamiyoStore
+
+
+@lru_cache
+def get_settings() -> TamiyoSettings:
+    return TamiyoSettings()
+
+
+def get_store(request: Request) -> TamiyoStore:
+    store: TamiyoStore = request.app.state.store
+    return store
+
+
+def get_controller(request: Request) -> Controller:
+    controller: Controller = request.app.state.controller
+    return controller
+
+
+def get_catalogue(request: Request) -> Catalogue:
+    catalogue: Catalogue = request.app.state.controller.catalogue
+    return catalogue
+
+
+SettingsDep = Annotated[TamiyoSettings, Depends(get_settings)]
+StoreDep = Annotated[TamiyoStore, Depends(get_store)]
+ControllerDep = Annotated[Controller, Depends(get_controller)]
+CatalogueDep = Annotated[Catalogue, Depends(get_catalogue)]

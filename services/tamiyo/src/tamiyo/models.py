@@ -1,0 +1,227 @@
+"""Tamiyo's own models: the controller state of a job (kept in Redis, shown by
+`GET /jobs/{id}/controller`) and the bodies of its API.
+
+They are service-local: no other service reads them. The state models are mutable on purpose:
+each handling of a message parses a fresh copy from Redis, the bookkeeping and the policy update
+it in place, and the copy is written back with compare-and-set.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from esper.contracts import ControlDecision
+from esper.contracts._types import (
+    Blend,
+    BlueprintName,
+    Identifier,
+    JobStatus,
+    Key,
+    LayerName,
+    Reason,
+    Scalar,
+    SeedIndex,
+    SeedStateName,
+    Tag,
+    Unit,
+)
+from esper.contracts.control import Strategy
+from esper.contracts.jobs import HostKind
+from tamiyo.config import PolicyConfig
+
+Origin = Literal["tamiyo", "operator", "unknown"]
+"""Who germinated a seed: Tamiyo, an operator through Tamiyo's API, or someone Tamiyo does not
+know of (a seed it only saw in telemetry). Tamiyo judges only the seeds it knows the origin of."""
+Verdict = Literal["keep", "retire"]
+
+
+class _State(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=False)
+
+
+class LayerView(_State):
+    """One wrapped layer as Tamiyo last saw it in the job's telemetry."""
+
+    order: int = Field(ge=0, description="position in the job's telemetry; the last is the output")
+    kind: HostKind | None = Field(
+        default=None, description="linear or conv2d once known (telemetry does not say it)"
+    )
+    activation_mean: float | None = None
+    activation_variance: float | None = None
+    dead_fraction: float | None = None
+    grad_norm: float | None = None
+    stats_step: int | None = Field(default=None, description="the step the statistics are from")
+    gradient_score: float | None = Field(
+        default=None, description="running average of grad_norm × (1 − dead_fraction)"
+    )
+    variance_score: float | None = Field(
+        default=None, description="running average of activation_variance × (1 − dead_fraction)"
+    )
+    failures: int = Field(
+        default=0, description="seeds of this layer retired, or gone before their verdict"
+    )
+    full: bool = Field(
+        default=False,
+        description="the job refused a germination here for want of a free slot; cleared when "
+        "a seed of this layer leaves",
+    )
+
+
+class SeedTrack(_State):
+    """A non-DORMANT seed of the job, and what Tamiyo knows and decided about it."""
+
+    layer: LayerName
+    seed: SeedIndex
+    state: SeedStateName
+    alpha: float = 0.0
+    kernel_id: str | None = None
+    blend: Blend = "add"
+    contribution: float | None = None
+    contribution_epoch: int | None = None
+    error_count: int = 0
+    origin: Origin = "unknown"
+    decision_id: str | None = None
+    blueprint: str | None = None
+    target_alpha: float | None = None
+    germinated_epoch: int | None = None
+    ramp_done_epoch: int | None = Field(
+        default=None, description="first epoch report that showed α at its target"
+    )
+    verdict: Verdict | None = None
+    verdict_epoch: int | None = None
+    seen_epoch: int | None = Field(default=None, description="last epoch report that listed it")
+    alphas: list[tuple[int, float]] = Field(
+        default_factory=list,
+        description="(epoch, α) of the last few epoch reports that listed it, so a ramp that "
+        "ended before Tamiyo learned the seed's target is still dated right",
+    )
+    last_step: int | None = Field(default=None, description="step of the last transition applied")
+
+
+class Pending(_State):
+    """A germination published and not answered by the job yet."""
+
+    decision_id: str
+    layer: LayerName
+    seed: SeedIndex | None
+    blueprint: str | None
+    kernel: str | None = None
+    origin: Origin
+    epoch: int | None = Field(description="the job's last reported epoch when it was published")
+    target_alpha: float
+
+
+class BlueprintRecord(_State):
+    """How one blueprint fared in this job."""
+
+    tried: int = 0
+    failures: int = Field(default=0, description="refused, failed (went DORMANT early) or retired")
+    kept: int = 0
+    retired: int = 0
+    best_contribution: float | None = None
+    last_contribution: float | None = None
+
+
+class JobState(_State):
+    """The controller state of one job (`GET /jobs/{id}/controller`)."""
+
+    job_id: Identifier
+    version: int = Field(default=0, description="incremented by every write (compare-and-set)")
+    known: bool = Field(
+        default=False,
+        description="Tamiyo saw the job start (its RUNNING event or its epoch-0 report); it "
+        "decides only for known jobs",
+    )
+    status: JobStatus | None = None
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    last_epoch: int | None = Field(default=None, description="last epoch report handled")
+    last_step: int | None = Field(default=None, description="last step report handled")
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    best_val_loss: float | None = None
+    stale_epochs: int = Field(default=0, description="epoch reports since the last new best")
+    layers: dict[str, LayerView] = Field(default_factory=dict)
+    seeds: list[SeedTrack] = Field(default_factory=list)
+    pending: Pending | None = None
+    abandoned: Pending | None = Field(
+        default=None,
+        description="the last germination given up unanswered; a late answer still adopts it",
+    )
+    cooldown_until: int | None = Field(
+        default=None, description="no germination in epoch reports up to this epoch"
+    )
+    seed_cap: int | None = Field(
+        default=None, description="the job's own max_seeds, learned from a refusal"
+    )
+    morphogenesis_off: bool = Field(
+        default=False, description="the job refused a germination: morphogenesis is off"
+    )
+    blueprints: dict[str, BlueprintRecord] = Field(default_factory=dict)
+    germinations: int = 0
+    decisions: list[str] = Field(default_factory=list, description="recent decision ids")
+    note: str = Field(default="", description="what Tamiyo did, or why it did not act, last")
+
+    def track(self, layer: str, seed: int) -> SeedTrack | None:
+        return next((s for s in self.seeds if s.layer == layer and s.seed == seed), None)
+
+    def live_seeds(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+# ------------------------------------------------------------------ API bodies
+class DecisionRecord(BaseModel):
+    """A published decision and, once the job answered, its outcome (`GET /decisions`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    decision: ControlDecision
+    source: Literal["tamiyo", "operator"]
+    policy: str = Field(description="the policy that made it, or 'operator'")
+    trigger: str | None = Field(
+        default=None, description="envelope id of the telemetry report that triggered it"
+    )
+    epoch: int | None = Field(default=None, description="the job's last reported epoch")
+    created_at: float = Field(default_factory=time.time)
+    outcome: Literal["published", "applied", "refused"] = "published"
+    outcome_reason: str | None = None
+    slot: int | None = Field(default=None, description="the seed slot the job used")
+
+
+class ManualDecision(BaseModel):
+    """`POST /jobs/{id}/decisions`: a ControlDecision without the job (it is in the path). A
+    `decision_id` makes the request idempotent; without one Tamiyo makes one up."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    decision_id: Identifier | None = None
+    action: Literal["germinate", "keep", "retire", "set_alpha"]
+    layer: LayerName
+    seed: SeedIndex | None = None
+    blueprint: BlueprintName | None = None
+    kernel: Tag | None = None
+    blend: Blend | None = None
+    strategy: Strategy | None = None
+    ramp_steps: int = Field(default=0, ge=0, le=1_000_000)
+    alpha: Unit | None = None
+    reason: Reason = "operator decision"
+    evidence: dict[Key, Scalar] = Field(default_factory=dict, max_length=64)
+
+
+class PolicyView(BaseModel):
+    """`GET /policy`: the policy every replica applies, and where it comes from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: PolicyConfig
+    source: Literal["defaults", "stored"] = Field(
+        description="defaults: this replica's (nobody PUT a policy yet); stored: the PUT one"
+    )
+    updated_at: float | None = None

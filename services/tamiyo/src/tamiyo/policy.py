@@ -1,0 +1,255 @@
+"""The policy interface and the heuristic policy.
+
+A `Policy` sees a job's controller state, already updated by the bookkeeping (tracking.py) with
+the message that just arrived, and proposes zero or more decisions. It may update the state's
+`note`; everything else about a decision (its id, recording it, publishing it) is the
+controller's. A learned policy implements the same two methods.
+
+The heuristic policy, at each epoch report of a job:
+
+1. judges a seed it (or an operator) germinated once the seed has trained `evaluation_epochs`
+   epochs at its full α: keep when its measured contribution is at least `keep_threshold`,
+   retire otherwise;
+2. otherwise germinates when every gate is open: the job is known and running with
+   morphogenesis on, past `warmup_epochs`, no germination in flight, not cooling down, under
+   its seed caps, and its val_loss has plateaued (`patience`, `min_delta`). The layer is the
+   best ranked by the layer signal that has a free slot and a blueprint that fits; the
+   blueprint is picked by strategy.
+
+Each proposal says why, with the evidence that triggered it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from esper.contracts import Message, TelemetryReport
+from esper.contracts._types import Action, Blend, Scalar
+from esper.contracts.control import Strategy
+from tamiyo.choice import BlueprintInfo, choose_blueprint, rank_layers
+from tamiyo.config import PolicyConfig
+from tamiyo.models import JobState, SeedTrack
+from tamiyo.tracking import under_evaluation
+
+
+@dataclass(frozen=True)
+class Context:
+    config: PolicyConfig
+    catalogue: Sequence[BlueprintInfo]
+    catalogue_source: str = "urza"
+    """`urza`, or `builtin` when Urza could not be asked (its built-ins are in every Urza)."""
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A decision without its id: the controller derives the id from the triggering message."""
+
+    action: Action
+    layer: str
+    reason: str
+    seed: int | None = None
+    blueprint: str | None = None
+    blend: Blend | None = None
+    strategy: Strategy | None = None
+    ramp_steps: int = 0
+    alpha: float | None = None
+    evidence: dict[str, Scalar] = field(default_factory=dict)
+
+
+class Policy(ABC):
+    name: str
+
+    @abstractmethod
+    def on_report(
+        self, state: JobState, report: TelemetryReport, context: Context
+    ) -> list[Proposal]:
+        """Called after an epoch report was applied to `state`."""
+
+    def on_event(self, state: JobState, event: Message, context: Context) -> list[Proposal]:
+        """Called after an event was applied to `state`; the heuristic decides on reports only."""
+        return []
+
+
+class HeuristicPolicy(Policy):
+    name = "heuristic"
+
+    def on_report(
+        self, state: JobState, report: TelemetryReport, context: Context
+    ) -> list[Proposal]:
+        config = context.config
+        blocked = self._blocked(state, config)
+        if blocked is not None:
+            state.note = blocked
+            return []
+        verdict = self._judge(state, report, config)
+        if isinstance(verdict, str):
+            state.note = verdict
+            return []
+        if verdict is not None:
+            return [verdict]
+        gate = self._gate(state, report, config)
+        if gate is not None:
+            state.note = gate
+            return []
+        return self._germinate(state, report, context)
+
+    # ------------------------------------------------------------------ gates
+    @staticmethod
+    def _blocked(state: JobState, config: PolicyConfig) -> str | None:
+        if not config.enabled:
+            return "policy disabled: watching only"
+        if not state.known:
+            return (
+                "unknown job: Tamiyo has not seen it start (no RUNNING event, no epoch-0 "
+                "report); no decision for it"
+            )
+        if state.finished:
+            return f"job {state.status}: no more decisions"
+        return None
+
+    @staticmethod
+    def _gate(state: JobState, report: TelemetryReport, config: PolicyConfig) -> str | None:
+        """Why not germinate now, or None when every gate is open."""
+        epoch = report.epoch
+        if state.morphogenesis_off:
+            return "the job refused a germination: its morphogenesis is off"
+        if state.pending is not None:
+            return f"germination {state.pending.decision_id} in flight: waiting for the job"
+        judging = under_evaluation(state)
+        if judging is not None:
+            return f"seed {judging.seed} of layer {judging.layer!r} in flight: " + _progress(
+                judging, config
+            )
+        if epoch < config.warmup_epochs:
+            return f"warming up: epoch {epoch} < warmup_epochs {config.warmup_epochs}"
+        if state.cooldown_until is not None and epoch <= state.cooldown_until:
+            return f"cooling down until after epoch {state.cooldown_until}"
+        live = state.live_seeds()
+        if live >= config.max_seeds_per_job:
+            return f"{live} live seeds: max_seeds_per_job {config.max_seeds_per_job} reached"
+        if state.seed_cap is not None and live >= state.seed_cap:
+            return f"{live} live seeds: the job's own max_seeds ({state.seed_cap}) reached"
+        if report.val_loss is None:
+            return "val_loss not measured in this report: no plateau decision on a missing value"
+        if state.stale_epochs < config.patience:
+            return (
+                f"no plateau: {state.stale_epochs} of {config.patience} epochs without a val_loss "
+                f"better than {state.best_val_loss} by {config.min_delta}"
+            )
+        return None
+
+    # -------------------------------------------------------------- verdicts
+    @staticmethod
+    def _judge(
+        state: JobState, report: TelemetryReport, config: PolicyConfig
+    ) -> Proposal | str | None:
+        """The verdict on the seed in flight; a note when it is due but cannot be made yet."""
+        track = under_evaluation(state)
+        if track is None or track.ramp_done_epoch is None or track.state != "ACTIVE":
+            return None
+        if report.epoch < track.ramp_done_epoch + config.evaluation_epochs:
+            return None
+        if track.contribution is None or track.contribution_epoch != report.epoch:
+            return (
+                f"seed {track.seed} of layer {track.layer!r}: evaluation window over, but this "
+                "report has no measured contribution; waiting for one"
+            )
+        keep = track.contribution >= config.keep_threshold
+        comparison = "≥" if keep else "<"
+        evidence: dict[str, Scalar] = {
+            "contribution": track.contribution,
+            "keep_threshold": config.keep_threshold,
+            "epoch": report.epoch,
+            "ramp_done_epoch": track.ramp_done_epoch,
+            "evaluation_epochs": config.evaluation_epochs,
+            "alpha": track.alpha,
+            "blueprint": track.blueprint,
+            "kernel_id": track.kernel_id,
+            "val_accuracy": report.val_accuracy,
+            "val_loss": report.val_loss,
+        }
+        reason = (
+            f"seed {track.seed} of layer {track.layer!r} ({track.blueprint or track.kernel_id}) "
+            f"contributes {track.contribution:+.4f} validation accuracy (with vs α forced to 0) "
+            f"after {config.evaluation_epochs} epochs at full α: {comparison} keep_threshold "
+            f"{config.keep_threshold}"
+        )
+        if keep:
+            return Proposal("keep", track.layer, reason, seed=track.seed, evidence=evidence)
+        return Proposal(
+            "retire",
+            track.layer,
+            reason,
+            seed=track.seed,
+            ramp_steps=config.retire_ramp_steps,
+            evidence=evidence,
+        )
+
+    # ----------------------------------------------------------- germination
+    @staticmethod
+    def _germinate(state: JobState, report: TelemetryReport, context: Context) -> list[Proposal]:
+        config = context.config
+        ranking = rank_layers(state, config)
+        if not ranking.layers:
+            excluded = ", ".join(f"{n}: {why}" for n, why in ranking.excluded.items())
+            state.note = f"plateau, but no layer can take a seed ({excluded or 'no layers seen'})"
+            return []
+        for position, ranked in enumerate(ranking.layers):
+            kind = state.layers[ranked.name].kind
+            choice = choose_blueprint(state, kind, context.catalogue, config)
+            if choice is None:
+                continue
+            blueprint = choice.blueprint
+            runner_up = ranking.layers[position + 1] if position + 1 < len(ranking.layers) else None
+            evidence: dict[str, Scalar] = {
+                "epoch": report.epoch,
+                "val_loss": report.val_loss,
+                "best_val_loss": state.best_val_loss,
+                "stale_epochs": state.stale_epochs,
+                "patience": config.patience,
+                "min_delta": config.min_delta,
+                "layer_signal": ranking.signal,
+                "layer_score": ranked.score,
+                "layer_rank": position + 1,
+                "runner_up_layer": runner_up.name if runner_up else None,
+                "runner_up_score": runner_up.score if runner_up else None,
+                "layer_kind": kind,
+                "layer_failures": state.layers[ranked.name].failures,
+                "strategy": config.strategy,
+                "catalogue": context.catalogue_source,
+                "live_seeds": state.live_seeds(),
+                "max_seeds_per_job": config.max_seeds_per_job,
+            }
+            reason = (
+                f"val_loss plateaued ({state.stale_epochs} epochs without beating "
+                f"{state.best_val_loss} by {config.min_delta}); layer {ranked.name!r} ranks "
+                f"{'first' if position == 0 else f'#{position + 1}'} by {ranking.signal} "
+                f"({ranked.score:.4g}); blueprint {blueprint.name} — {choice.why}"
+            )
+            return [
+                Proposal(
+                    "germinate",
+                    ranked.name,
+                    reason,
+                    seed=None,
+                    blueprint=blueprint.name,
+                    blend=config.blend or blueprint.default_blend,
+                    strategy=config.strategy,
+                    ramp_steps=config.ramp_steps,
+                    alpha=config.target_alpha,
+                    evidence=evidence,
+                )
+            ]
+        state.note = "plateau, but no blueprint fits the candidate layers (or all are penalised)"
+        return []
+
+
+def _progress(track: SeedTrack, config: PolicyConfig) -> str:
+    if track.ramp_done_epoch is None:
+        return f"{track.state}, α {track.alpha:.3f} ramping to {track.target_alpha}"
+    return (
+        f"at full α since epoch {track.ramp_done_epoch}; judged after "
+        f"{config.evaluation_epochs} epochs"
+    )

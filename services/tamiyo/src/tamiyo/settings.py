@@ -1,0 +1,41 @@
+"""Tamiyo's settings: `TAMIYO_*` environment variables (the bus is `ESPER_BUS_*`).
+
+The policy's defaults are `TAMIYO_<FIELD>` variables too (`TAMIYO_WARMUP_EPOCHS`, see config.py),
+or one JSON object in `TAMIYO_POLICY`; a policy PUT through the API replaces them for every
+replica.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from esper.service import ServiceSettings
+from tamiyo.config import PolicyConfig, policy_from_env
+
+
+class TamiyoSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="TAMIYO_", extra="ignore", frozen=True)
+
+    port: int = Field(default=8002, ge=0, le=65535)
+    urza_url: str | None = "http://127.0.0.1:8004"
+    """Where the blueprints are listed; empty: choose from the built-in blueprints only."""
+    urza_token: SecretStr | None = None
+    urza_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    catalogue_ttl_s: float = Field(default=30.0, gt=0, le=86_400)
+    """How long Urza's blueprint list is used before it is fetched again (in the background)."""
+    max_report_age_s: float = Field(default=600.0, gt=0)
+    """An epoch report older than this (by its envelope's `ts`) updates the job's state but
+    triggers no decision: the job has moved on since it was sent."""
+    state_ttl_s: int = Field(default=7 * 86_400, ge=60)
+    """A job's controller state and decision records expire this long after their last write."""
+    max_decisions: int = Field(default=10_000, ge=10)
+    """Decisions `GET /decisions` can list across all jobs (the oldest are dropped)."""
+    max_job_decisions: int = Field(default=1_000, ge=10)
+    policy: PolicyConfig = Field(default_factory=policy_from_env)
+    """This replica's default policy, until one is PUT."""
+
+    @field_validator("urza_url")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
