@@ -122,7 +122,7 @@ DEMO_JOB: dict[str, Any] = {
     "model": {"kind": "mlp", "hidden": [2, 2], "activation": "tanh"},
     "dataset": {"kind": "circles", "samples": 6000, "noise": 0.1, "seed": 0},
     "training": {
-        "epochs": 20,
+        "epochs": 28,
         "batch_size": 32,
         "lr": 0.01,
         "seed": 0,
@@ -174,7 +174,7 @@ DEMO_ENV: dict[str, str] = {
     "TAMIYO_COOLDOWN_EPOCHS": "1",
     "TAMIYO_KEEP_THRESHOLD": "0.02",
 }
-"""Tamiyo's defaults are sized for jobs of tens of epochs; these fit the 20-epoch demo."""
+"""Tamiyo's defaults are sized for jobs of tens of epochs; these fit the 28-epoch demo."""
 
 
 def run_demo(esper: Esper) -> bool:
