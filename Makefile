@@ -9,7 +9,8 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
 SERVICES := urza tolaria tamiyo nissa
 PACKAGES := libs/esper-core $(foreach s,$(SERVICES),services/$(s))
-TESTS := libs/esper-core/tests $(foreach s,$(SERVICES),services/$(s)/tests) tests/integration
+TESTS := libs/esper-core/tests $(foreach s,$(SERVICES),services/$(s)/tests) tests/integration \
+	tests/e2e/test_compose_file.py
 LINTED := libs services benchmarks examples
 
 .PHONY: dev test test-tools e2e lint bench up demo proto clean
@@ -30,7 +31,7 @@ test-tools:
 
 # The compose stack end to end (starts a Docker engine with ../shared/tools/docker-sandbox if none).
 e2e: $(STAMP)
-	bash deploy/docker/e2e.sh
+	bash deploy/docker/e2e.sh $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)

@@ -20,7 +20,10 @@ from esper.bus.settings import BusSettings
 
 
 class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ESPER_SERVICE_", extra="ignore", frozen=True)
+    # env_ignore_empty: `FOO_API_TOKEN=` (compose's `${TOKEN:-}`) means "no token", not "".
+    model_config = SettingsConfigDict(
+        env_prefix="ESPER_SERVICE_", extra="ignore", frozen=True, env_ignore_empty=True
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
