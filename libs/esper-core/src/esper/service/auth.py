@@ -12,7 +12,7 @@ from esper.service.errors import ApiError
 def require_token(request: Request) -> None:
     """Pass when no token is configured (a local stack) or the request carries the right one."""
     expected = request.app.state.settings.api_token
-    if expected is None:
+    if expected is None or not expected.get_secret_value():
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     challenge = {"WWW-Authenticate": 'Bearer realm="esper"'}

@@ -20,10 +20,7 @@ from esper.bus.settings import BusSettings
 
 
 class ServiceSettings(BaseSettings):
-    # env_ignore_empty: `FOO_API_TOKEN=` (compose's `${TOKEN:-}`) means "no token", not "".
-    model_config = SettingsConfigDict(
-        env_prefix="ESPER_SERVICE_", extra="ignore", frozen=True, env_ignore_empty=True
-    )
+    model_config = SettingsConfigDict(env_prefix="ESPER_SERVICE_", extra="ignore", frozen=True)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -32,7 +29,8 @@ class ServiceSettings(BaseSettings):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$",
     )
     api_token: SecretStr | None = None
-    """Bearer token required on mutating routes; None leaves them open (a local stack)."""
+    """Bearer token required on mutating routes; None or empty (compose's `${TOKEN:-}`) leaves
+    them open (a local stack)."""
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = True
