@@ -297,6 +297,11 @@ def test_the_growth_demo_job_succeeds_with_a_germinated_seed_and_reaches_prometh
     accuracy = _prometheus(stack, f'esper_job_val_accuracy_ratio{{job_id="{job_id}"}}')
     assert 0.0 < float(accuracy[0]["value"][1]) <= 1.0
     # ... and each service's own request metrics, scraped from the service itself.
+    # (the services are scraped every 15 s: wait until each has been, not just the first)
+    every = (
+        'count(count by (job) (esper_http_requests_total{job=~"tolaria|tamiyo|urza|nissa"})) == 4'
+    )
+    _prometheus(stack, every)
     scraped = _prometheus(stack, "sum by (job) (esper_http_requests_total)")
     assert {"tolaria", "tamiyo", "urza", "nissa"} <= {s["metric"]["job"] for s in scraped}
 
