@@ -13,7 +13,6 @@ import atexit
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -21,6 +20,8 @@ import time
 import weakref
 from pathlib import Path
 from types import TracebackType
+
+from esper.testing import processes
 
 _LIVE: weakref.WeakSet[RedisServer] = weakref.WeakSet()
 
@@ -172,26 +173,14 @@ class RedisServer:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM: Redis flushes its AOF and exits; SIGKILL if it has not after `timeout_s`."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if self._proc is not None:
+            processes.terminate(self._proc, timeout_s)
         self._proc = None
 
     def kill(self) -> None:
         """SIGKILL: a crash. Only what was already fsynced (appendfsync always) survives."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        if self._proc is not None:
+            processes.kill(self._proc)
         self._proc = None
 
     def restart(self, *, kill: bool = False) -> RedisServer:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from types import TracebackType
 
 import httpx
 
+from esper.testing import processes
 from esper.testing.redis_server import free_port
 
 _LIVE: weakref.WeakSet[ServiceProcess] = weakref.WeakSet()
@@ -108,26 +108,14 @@ class ServiceProcess:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM (a graceful shutdown); SIGKILL if it has not exited after `timeout_s`."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if self._proc is not None:
+            processes.terminate(self._proc, timeout_s)
         self._proc = None
 
     def kill(self) -> None:
         """SIGKILL: a crash, with no shutdown code run."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        if self._proc is not None:
+            processes.kill(self._proc)
         self._proc = None
 
     def restart(self, *, kill: bool = False) -> ServiceProcess:
