@@ -154,6 +154,12 @@ class MorphableModel(nn.Module):
     def unload_seed(self, layer: str, seed_idx: int, reason: str = "unloaded by caller") -> None:
         self.retire_seed(layer, seed_idx, reason=reason)
 
+    @property
+    def all_dormant(self) -> bool:
+        """No seed of any layer is out of DORMANT: `step()` and `clip_seed_gradients()` have
+        nothing to do, and a training loop may skip them until a seed is loaded."""
+        return all(layer.all_dormant for layer in self._layers.values())
+
     def step(self) -> None:
         """Call once per optimizer step: advances α ramps, ages seeds, polls circuit breakers."""
         recycled = 0
@@ -319,11 +325,14 @@ def wrap(
     kernels: KernelCache | None = None,
     guard_nonfinite: bool = True,
     error_threshold: int = 3,
+    dormant_bypass: bool = False,
 ) -> MorphableModel:
     """Replace the model's nn.Linear and nn.Conv2d layers (or the named `layers`) in place by
     KasminaLayers with `seeds_per_layer` seed slots each, and return the MorphableModel.
 
     Kernels are resolved through `kernels`, by default a cache over `esper.default_registry()`.
+    `dormant_bypass` lets a layer without running seeds call its host's forward directly (faster
+    on tiny models; hooks on a layer's `base_layer` then run only while a seed runs).
     """
     if isinstance(model, MorphableModel):
         raise ConfigError("the model is already wrapped")
@@ -367,6 +376,7 @@ def wrap(
             name=name,
             guard_nonfinite=guard_nonfinite,
             error_threshold=error_threshold,
+            dormant_bypass=dormant_bypass,
         )
         setattr(parent, child, layer)
         wrapped[name] = layer

@@ -117,8 +117,13 @@ class JobTrainer:
         self.urza: UrzaClient | None = None
         if self.morph.enabled:
             layers = morphable_layers(model, self.morph)
+            # The bypass is safe here: the job builds the model and hooks only the Kasmina layers.
             self.morphable = esper.wrap(
-                model, seeds_per_layer=self.morph.seeds_per_layer, layers=layers, kernels=self.cache
+                model,
+                seeds_per_layer=self.morph.seeds_per_layer,
+                layers=layers,
+                kernels=self.cache,
+                dormant_bypass=True,
             )
             self.model: nn.Module = self.morphable
             self.urza = self._urza_client()
@@ -224,44 +229,68 @@ class JobTrainer:
             publish_trained_kernels(self)
 
     def train_epoch(self, epoch: int) -> tuple[float | None, float]:
-        data, spec = self.data, self.training
+        """One epoch. The step loop does what a plain PyTorch loop does plus tests of local flags:
+        anything else (a stop, a decision, a sampled step, a seed to advance) is behind one. On a
+        tiny model each call in the loop costs ~1 % of the step, far more than the same call run
+        in a tight loop, so calls are made only when their flag says there is work."""
+        data, spec, progress = self.data, self.training, self.progress
         # Steps call the wrapped model's inner module: MorphableModel.forward only delegates to
         # it, and one module call less per step is ~1% of a tiny model's step.
         model = self.morphable.model if self.morphable is not None else self.model
-        runtime, optimizer, loss_fn = self.runtime, self.optimizer, self.loss_fn
+        optimizer, loss_fn, wakeups = self.optimizer, self.loss_fn, self.runtime.wakeups
         morphable, reporter = self.morphable, self.reporter
-        stop, decisions = runtime.stop_event, runtime.decisions
+        every = (reporter.every_steps if reporter is not None else None) or 0
+        seeded = morphable is not None and not morphable.all_dormant
+        # On the CPU reading a loss costs nothing; on an accelerator it would sync every step,
+        # so there the losses stay on the device until the epoch ends.
+        on_cpu = self.device.type == "cpu"
+        total, losses, steps = 0.0, [], 0
         generator = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
         order = torch.randperm(len(data.train_y), generator=generator).to(self.device)
-        losses: list[torch.Tensor] = []
         model.train()
         start = time.perf_counter()
         for begin in range(0, len(order), spec.batch_size):
-            if stop.is_set():
-                raise StopRequested
-            if not decisions.empty():
+            if wakeups:
                 paused = time.perf_counter()
-                self.execute_decisions(epoch)
+                seeded = self.attend(epoch)
                 start += time.perf_counter() - paused  # a compile is not training time
             index = order[begin : begin + spec.batch_size]
-            step = self.progress.step
-            if reporter is not None:
-                reporter.begin_step(step)
+            step = progress.step
+            sampled = every and step % every == 0
+            if sampled:
+                reporter.begin_step(step)  # type: ignore[union-attr]
             loss = loss_fn(model(data.train_x[index]), data.train_y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if morphable is not None:
-                morphable.clip_seed_gradients()
+            if seeded:
+                morphable.clip_seed_gradients()  # type: ignore[union-attr]
             optimizer.step()
-            if morphable is not None:
-                morphable.step()
-            if reporter is not None:
-                reporter.end_step(step, epoch, loss)
-            losses.append(loss.detach())
-            self.progress.step = step + 1
+            if seeded:
+                morphable.step()  # type: ignore[union-attr]
+                seeded = not morphable.all_dormant  # type: ignore[union-attr]
+            if sampled:
+                reporter.end_step(step, epoch, loss)  # type: ignore[union-attr]
+            if on_cpu:
+                total += loss.item()
+            else:
+                losses.append(loss.detach())
+            steps += 1
+            progress.step = step + 1
         elapsed = time.perf_counter() - start
-        mean = float(torch.stack(losses).mean()) if losses else math.nan  # one sync an epoch
+        if losses:
+            total = float(torch.stack(losses).sum())  # one sync an epoch
+        mean = total / steps if steps else math.nan
         return (mean if math.isfinite(mean) else None), len(order) / max(elapsed, 1e-9)
+
+    def attend(self, epoch: int) -> bool:
+        """A wakeup: stop if asked, else execute the waiting decisions. Returns whether any seed
+        is now out of DORMANT (the step loop then advances the seeds)."""
+        self.runtime.wakeups.clear()  # before looking: a later wakeup is seen next step
+        if self.runtime.stop_event.is_set():
+            raise StopRequested
+        if not self.runtime.decisions.empty():
+            self.execute_decisions(epoch)
+        return self.morphable is not None and not self.morphable.all_dormant
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> Evaluation:

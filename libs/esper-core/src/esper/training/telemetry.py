@@ -37,11 +37,12 @@ class _Moments:
 
     A layer may run more than once in a step (a shared layer, gradient accumulation): batches are
     merged with Chan's parallel formula, so the mean and variance are those of all outputs seen.
+    One output costs three small ops (var_mean, amax, a compare); tiny models feel each op.
     """
 
     count: int = 0
     mean: torch.Tensor | None = None
-    m2: torch.Tensor | None = None  # sum of squared deviations from the mean
+    variance: torch.Tensor | None = None  # population variance
     alive: torch.Tensor | None = None  # per output feature: positive at least once
 
     def add(self, y: torch.Tensor, kind: str) -> None:
@@ -51,8 +52,7 @@ class _Moments:
             return
         if not y.is_floating_point() or y.dtype in (torch.float16, torch.bfloat16):
             y = y.float()  # half-precision sums of a large batch lose the variance
-        mean = y.mean()
-        m2 = y.var(unbiased=False) * n
+        variance, mean = torch.var_mean(y, correction=0)
         # Output features: the last dim of a Linear, the channels of a Conv2d (dim 1 when
         # batched, dim 0 for an unbatched [C, H, W] input).
         if kind == "conv2d":
@@ -61,13 +61,14 @@ class _Moments:
         else:
             peak = y.reshape(-1, y.shape[-1]).amax(dim=0)
         alive = peak > 0
-        if self.mean is None or self.m2 is None or self.alive is None:
-            self.count, self.mean, self.m2, self.alive = n, mean, m2, alive
+        if self.mean is None or self.variance is None or self.alive is None:
+            self.count, self.mean, self.variance, self.alive = n, mean, variance, alive
             return
         total = self.count + n
         delta = mean - self.mean
+        m2 = self.variance * self.count + variance * n + delta * delta * (self.count * n / total)
         self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
+        self.variance = m2 / total
         self.alive = self.alive | alive
         self.count = total
 
@@ -207,20 +208,25 @@ class TelemetryReporter:
     def _collect(
         self, *, with_grads: bool, extra: torch.Tensor | None = None
     ) -> tuple[list[LayerStats], float | None]:
-        """The layers' statistics, and `extra` (the loss) read in the same transfer."""
+        """The layers' statistics, and `extra` (the loss), read in one transfer per device."""
         names = list(self._layers)
-        tensors: list[torch.Tensor | None] = []
+        tensors: list[torch.Tensor | None] = [extra]
+        features: list[int] = []
         for name in names:
             m = self._moments.get(name, _Moments())
-            variance = None if m.m2 is None else m.m2 / max(m.count, 1)
-            dead = None if m.alive is None else 1.0 - m.alive.float().mean()
-            grad = _grad_norm(self._layers[name].base_layer) if with_grads else None
-            tensors.extend((m.mean, variance, dead, grad))
-        values = _read([*tensors, extra])
+            alive = None if m.alive is None else m.alive.sum()
+            features.append(0 if m.alive is None else m.alive.numel())
+            tensors.extend((m.mean, m.variance, alive))
+        grads = [_host_grads(self._layers[n].base_layer) if with_grads else [] for n in names]
+        values = _read([*tensors, *_norms([g for gs in grads for g in gs])])
         self._moments = {}
+        grad_values = iter(values[1 + 3 * len(names) :])
         stats = []
         for i, name in enumerate(names):
-            mean_v, variance_v, dead_v, grad_v = values[4 * i : 4 * i + 4]
+            mean_v, variance_v, alive_v = values[1 + 3 * i : 4 + 3 * i]
+            dead_v = None if alive_v is None else 1.0 - alive_v / max(features[i], 1)
+            norms = [next(grad_values) for _ in grads[i]]
+            grad_v = math.sqrt(sum(v * v for v in norms if v is not None)) if norms else None
             if mean_v is not None and not math.isfinite(mean_v):
                 # A NaN output compares as "not positive" everywhere, which would read as a fully
                 # dead layer; the layer diverged, and its statistics are unknown.
@@ -234,7 +240,7 @@ class TelemetryReporter:
                     grad_norm=finite_or_none(grad_v),
                 )
             )
-        return stats, values[-1]
+        return stats, values[0]
 
     # -------------------------------------------------------------- seeds
     def seed_stats(self, contributions: dict[SeedKey, float] | None = None) -> list[SeedStats]:
@@ -243,9 +249,9 @@ class TelemetryReporter:
         contributions = contributions or {}
         stats = []
         for name, layer in self._layers.items():
-            infos = [layer.seed_info(i) for i in range(layer.num_seeds)]
-            if all(info.state is SeedState.DORMANT for info in infos):
+            if layer.all_dormant:
                 continue  # the common case: no buffer read
+            infos = [layer.seed_info(i) for i in range(layer.num_seeds)]
             errors = layer.layout.error_count.tolist()
             measured = layer.layout.contribution.tolist()
             for info in infos:
@@ -312,23 +318,38 @@ class TelemetryReporter:
             log.exception("job %s: publishing a %s report failed", self.job_id, report.kind)
 
 
-def _grad_norm(module: nn.Module) -> torch.Tensor | None:
-    grads = [p.grad.detach() for p in module.parameters(recurse=False) if p.grad is not None]
-    if not grads:
-        return None
-    norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-    return torch.linalg.vector_norm(norms)
+def _host_grads(module: nn.Module) -> list[torch.Tensor]:
+    # A host is an nn.Linear or nn.Conv2d: its own parameters are its weight and bias. Read
+    # only (never part of a graph), so no detach, which would be an op per tensor.
+    params = (getattr(module, "weight", None), getattr(module, "bias", None))
+    return [p.grad for p in params if isinstance(p, nn.Parameter) and p.grad is not None]
+
+
+def _norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The L2 norm of each gradient, in float32 (a half-precision norm overflows), one foreach
+    call per device instead of an op per tensor."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, g in enumerate(grads):
+        by_device.setdefault(g.device, []).append(i)
+    norms: list[torch.Tensor] = [torch.empty(0)] * len(grads)
+    for indices in by_device.values():
+        found = torch._foreach_norm([grads[i] for i in indices], 2, dtype=torch.float32)
+        for i, norm in zip(indices, found, strict=True):
+            norms[i] = norm
+    return norms
 
 
 def _read(tensors: Sequence[torch.Tensor | None]) -> list[float | None]:
-    """Scalar tensors as floats, one stack and transfer per device instead of one per value."""
+    """Scalar tensors as floats, one stack and transfer per device instead of one per value
+    (stack promotes mixed dtypes: a count stacked with float32 values reads as a float)."""
     values: list[float | None] = [None] * len(tensors)
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         if t is not None:
             by_device.setdefault(t.device, []).append(i)
     for indices in by_device.values():
-        stacked = torch.stack([cast(torch.Tensor, tensors[i]).float().reshape(()) for i in indices])
+        scalars = [cast(torch.Tensor, tensors[i]) for i in indices]
+        stacked = torch.stack([t if t.dim() == 0 else t.reshape(()) for t in scalars])
         for i, value in zip(indices, stacked.tolist(), strict=True):
             values[i] = float(value)
     return values

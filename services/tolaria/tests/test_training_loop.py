@@ -1,0 +1,153 @@
+"""The job's step loop in this process: a JobTrainer on a real JobRuntime and a real Redis, with
+no job process around it. What an epoch reports, and how the loop reacts to what happens between
+two steps: a stop, a decision, a seed that is loaded, ramps and retires."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import esper
+from esper.bus import BusSettings
+from esper.contracts import ControlDecision, DecisionTaken, Envelope, JobSpec
+from esper.kasmina import SeedState
+from esper.kernels import KernelCache
+from tolaria.runtime import JobRuntime
+from tolaria.settings import TolariaSettings
+from tolaria.training import JobTrainer, StopRequested
+
+JOB = "loop-test"
+SPEC = {
+    "model": {"kind": "mlp", "hidden": [8, 8], "activation": "tanh"},
+    "dataset": {"kind": "circles", "samples": 600},
+    "training": {"batch_size": 32, "lr": 0.01, "telemetry_every_steps": 5},
+}
+
+
+class RecordingLoss(nn.CrossEntropyLoss):
+    """Cross-entropy that keeps each batch's value, to check what the epoch reports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[float] = []
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = super().forward(input, target)
+        self.values.append(float(loss.detach()))
+        return loss
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, bus_settings: BusSettings) -> Iterator[JobRuntime]:
+    settings = TolariaSettings(
+        data_dir=tmp_path,
+        work_dir=tmp_path / "work",
+        urza_url=None,
+        bus=bus_settings,
+        stop_poll_s=0.02,
+    )
+    job_runtime = JobRuntime(settings, JOB).start()
+    try:
+        yield job_runtime
+    finally:
+        job_runtime.close()
+
+
+def trainer_for(runtime: JobRuntime) -> JobTrainer:
+    spec = JobSpec.model_validate(SPEC)
+    settings = runtime.settings
+    trainer = JobTrainer(runtime, spec, settings.data_dir, settings.work_dir)
+    runtime.call(runtime.store.create(JOB, spec))
+    return trainer
+
+
+def wait_for_wakeup(runtime: JobRuntime, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not runtime.wakeups:
+        assert time.monotonic() < deadline, "the bus loop never woke the training loop"
+        time.sleep(0.01)
+
+
+def test_an_epoch_reports_the_mean_of_its_batch_losses(runtime: JobRuntime) -> None:
+    trainer = trainer_for(runtime)
+    trainer.loss_fn = RecordingLoss()
+    mean, samples_per_s = trainer.train_epoch(0)
+    values = trainer.loss_fn.values
+    assert len(values) == -(-len(trainer.data.train_y) // 32)
+    assert mean == pytest.approx(sum(values) / len(values), rel=1e-6)
+    assert samples_per_s > 0
+    assert trainer.progress.step == len(values)
+
+
+def test_a_stop_request_stops_the_epoch_before_its_next_step(runtime: JobRuntime) -> None:
+    trainer = trainer_for(runtime)
+    trainer.train_epoch(0)
+    steps = trainer.progress.step
+    runtime.call(runtime.store.request_stop(JOB))
+    wait_for_wakeup(runtime)
+    with pytest.raises(StopRequested):
+        trainer.train_epoch(1)
+    assert trainer.progress.step == steps  # not one step more
+
+
+def test_a_decision_is_answered_between_two_steps_and_training_goes_on(
+    runtime: JobRuntime,
+) -> None:
+    """This runtime has no Urza, so the germination is refused with the reason; what matters
+    here is that the loop saw it within the epoch, answered it and kept training."""
+    trainer = trainer_for(runtime)
+    runtime.call(
+        runtime.producer.publish(
+            Envelope.wrap(
+                ControlDecision(
+                    decision_id="d-loop-1",
+                    job_id=JOB,
+                    action="germinate",
+                    layer="2",
+                    blueprint="residual_mlp",
+                    reason="test",
+                ),
+                source="test",
+            )
+        )
+    )
+    wait_for_wakeup(runtime)
+    pending = runtime.decisions.get()
+    runtime.decisions.put(pending)  # peeked: the loop takes it from here
+    trainer.train_epoch(0)
+    outcome = pending.done.result(timeout=10)
+    assert isinstance(outcome, DecisionTaken)
+    assert (outcome.decision_id, outcome.outcome) == ("d-loop-1", "refused")
+    assert "no Urza is configured" in outcome.reason
+    assert trainer.progress.step == -(-len(trainer.data.train_y) // 32)
+    assert not runtime.wakeups
+
+
+def test_a_loaded_seed_ramps_each_step_and_a_finished_retirement_leaves_the_optimizer(
+    runtime: JobRuntime,
+) -> None:
+    trainer = trainer_for(runtime)
+    morphable = trainer.morphable
+    assert morphable is not None and morphable.all_dormant
+    registry = esper.LocalKernelRegistry()
+    meta = registry.compile("residual_mlp", morphable.layer("2").base_layer)
+    morphable.kernels = KernelCache([registry])
+    morphable.load_kernel_sync("2", 0, meta.kernel_id)
+    assert not morphable.all_dormant
+    steps = -(-len(trainer.data.train_y) // 32)
+    morphable.ramp_seed_alpha("2", 0, 0.5, steps=steps)
+    trainer.train_epoch(0)
+    assert morphable.layer("2").seed_info(0).alpha == pytest.approx(0.5)
+    groups = [g["name"] for g in trainer.optimizer.param_groups]
+    assert groups == ["host", "seed:2:0"]
+
+    morphable.retire_seed("2", 0, ramp_steps=3)
+    trainer.train_epoch(1)
+    assert morphable.layer("2").seed_info(0).state is SeedState.DORMANT
+    assert morphable.all_dormant
+    assert [g["name"] for g in trainer.optimizer.param_groups] == ["host"]
