@@ -151,6 +151,20 @@ def test_importing_the_contracts_bus_client_or_cli_does_not_load_torch(module: s
     assert out.stdout.strip() == "False"
 
 
+def test_subpackages_are_reachable_as_attributes_after_a_bare_import() -> None:
+    """`import esper` imports no subpackage eagerly, yet `esper.blueprints.x` must work as it
+    did when it did (found by bench_kasmina, which uses esper.blueprints.instantiate)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import esper; print(callable(esper.blueprints.instantiate), "
+        "esper.kernels.__name__, hasattr(esper, 'no_such_subpackage'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "esper.kernels", "False"]
+
+
 def test_lazy_names_resolve_to_the_real_objects() -> None:
     from esper.morphable import wrap
 

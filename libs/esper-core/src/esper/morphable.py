@@ -188,12 +188,8 @@ class MorphableModel(nn.Module):
             raise AlphaRangeError(
                 f"forced α={alpha!r} for seed {seed_idx} of layer {layer!r} is outside [0, 1]"
             )
-        saved = kl.layout.alpha[seed_idx].clone()
-        kl.layout.alpha[seed_idx].fill_(alpha)
-        try:
+        with kl.alpha_forced(seed_idx, alpha):
             yield
-        finally:
-            kl.layout.alpha[seed_idx].copy_(saved)
 
     def measure_contribution(
         self, layer: str, seed_idx: int, evaluate: Callable[[], float]

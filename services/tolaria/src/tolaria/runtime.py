@@ -232,17 +232,20 @@ class JobRuntime:
         while True:
             try:
                 if await self.store.stop_requested(self.job_id):
-                    self.stop_event.set()
-                    self.wakeups.append("stop")
+                    self._request_stop("stop")
             except Exception as err:  # Redis away: keep training, look again next time
                 log.warning("stop flag not read: %s", err)
             # The worker that started this process is gone (kill -9): stop at once, so that the
             # worker taking the job over does not train it twice at the same time.
             if os.getppid() != self._parent:
                 self.orphaned.set()
-                self.stop_event.set()
-                self.wakeups.append("orphaned")
+                self._request_stop("orphaned")
             await asyncio.sleep(self.settings.stop_poll_s)
+
+    def _request_stop(self, why: str) -> None:
+        if not self.stop_event.is_set():  # one wakeup, however often the flag is seen again
+            self.stop_event.set()
+            self.wakeups.append(why)
 
     async def _on_decision(self, delivery: Delivery) -> None:
         decision = delivery.message
