@@ -119,7 +119,10 @@ def test_a_killed_worker_s_job_is_resumed_from_its_checkpoint_and_trains_each_ep
 ) -> None:
     spare = tolaria_factory()  # a second replica: both consume the queue
     replicas = {p.env["TOLARIA_INSTANCE"]: p for p in (tolaria, spare)}
-    spec = spirals_job(training={"epochs": 8, "batch_size": 8})
+    # Long enough that the orphaned job process cannot finish on its own before it notices that
+    # its worker is gone (it looks every TOLARIA_STOP_POLL_S, 0.2 s): at 8 epochs of ~70 ms a
+    # fresh-clone run once saw it finish first, SUCCEEDED at attempt 1, with nothing to resume.
+    spec = spirals_job(training={"epochs": 30, "batch_size": 8})
     job_id = client.post("/jobs", json=spec).json()["job_id"]
     view = wait_for(
         client, job_id, lambda v: v["status"] == "RUNNING" and v["progress"]["epoch"] >= 2
@@ -140,7 +143,7 @@ def test_a_killed_worker_s_job_is_resumed_from_its_checkpoint_and_trains_each_ep
         )
     victim.restart()  # the module's later tests use it again
     assert "resumed from the checkpoint of epoch" in logs
-    assert [entry["epoch"] for entry in state["history"]] == list(range(8))  # each epoch once
+    assert [entry["epoch"] for entry in state["history"]] == list(range(30))  # each epoch once
     finished = [
         line.split("tolaria.job: epoch ")[1].split("/")[0]
         for line in logs.splitlines()
