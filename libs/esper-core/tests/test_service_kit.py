@@ -608,6 +608,27 @@ def demo_env(redis_url: str, **extra: str) -> dict[str, str]:
     }
 
 
+def test_service_process_drops_the_inherited_variables_it_is_told_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A developer's KITDEMO_* shell variables must not reach a test's service; what the test
+    passes, the port and everything else inherited do."""
+    monkeypatch.setenv("KITDEMO_MAX_BODY_BYTES", "1")
+    monkeypatch.setenv("KITDEMO_INSTANCE", "from-the-shell")
+    monkeypatch.setenv("UNRELATED_VARIABLE", "kept")
+    proc = ServiceProcess(
+        "kit_demo_service",
+        port_env="KITDEMO_PORT",
+        env={"KITDEMO_INSTANCE": "from-the-test"},
+        drop_inherited=("KITDEMO_",),
+    )
+    assert "KITDEMO_MAX_BODY_BYTES" not in proc.env
+    assert proc.env["KITDEMO_INSTANCE"] == "from-the-test"
+    assert proc.env["KITDEMO_PORT"] == str(proc.port)
+    assert proc.env["UNRELATED_VARIABLE"] == "kept"
+    assert ServiceProcess("x", port_env="X_PORT").env["KITDEMO_MAX_BODY_BYTES"] == "1"
+
+
 def test_service_process_runs_restarts_and_logs_json(
     redis_url: str, redis_client: redis.Redis, tmp_path: Path
 ) -> None:

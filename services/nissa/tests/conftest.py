@@ -54,13 +54,9 @@ def nissa_process(
         "ESPER_BUS_PREFIX": prefix,
         **overrides,
     }
-    service = ServiceProcess("nissa", port_env="NISSA_PORT", env=env, log_dir=log_dir)
-    service.env = {
-        k: v
-        for k, v in service.env.items()
-        if k in env or k == "NISSA_PORT" or not k.startswith(_OURS)
-    }
-    return service
+    return ServiceProcess(
+        "nissa", port_env="NISSA_PORT", env=env, log_dir=log_dir, drop_inherited=_OURS
+    )
 
 
 @pytest.fixture(scope="module")

@@ -59,13 +59,10 @@ def tamiyo(
         "ESPER_BUS_BLOCK_MS": "100",
         "ESPER_BUS_CLAIM_IDLE_MS": "1000",
     }
-    service = ServiceProcess("tamiyo", port_env="TAMIYO_PORT", env=env, log_dir=logs)
     # A developer's TAMIYO_* / ESPER_BUS_* variables must not change what the tests expect.
-    service.env = {
-        k: v
-        for k, v in service.env.items()
-        if k in env or k == "TAMIYO_PORT" or not k.startswith(_OURS)
-    }
+    service = ServiceProcess(
+        "tamiyo", port_env="TAMIYO_PORT", env=env, log_dir=logs, drop_inherited=_OURS
+    )
     with service:
         yield service
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from jobhelpers import TOKEN
 
 _instances = itertools.count()
+# A developer's TOLARIA_*/URZA_*/ESPER_BUS_* variables must not change what tests see.
 _OURS = ("TOLARIA_", "URZA_", "ESPER_BUS_")
 
 
@@ -35,16 +36,6 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _clean_env(service: ServiceProcess, env: dict[str, str]) -> ServiceProcess:
-    """A developer's TOLARIA_*/URZA_*/ESPER_BUS_* variables must not change what tests see."""
-    service.env = {
-        k: v
-        for k, v in service.env.items()
-        if k in env or k.endswith("_PORT") or not k.startswith(_OURS)
-    }
-    return service
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +60,9 @@ def urza(
         "ESPER_BUS_REDIS_URL": stack_redis.url,
         "ESPER_BUS_PREFIX": prefix,
     }
-    service = _clean_env(ServiceProcess("urza", port_env="URZA_PORT", env=env, log_dir=root), env)
+    service = ServiceProcess(
+        "urza", port_env="URZA_PORT", env=env, log_dir=root, drop_inherited=_OURS
+    )
     with service:
         yield service
 
@@ -107,8 +100,8 @@ def tolaria_factory(
             "ESPER_BUS_PREFIX": prefix,
             **overrides,
         }
-        service = _clean_env(
-            ServiceProcess("tolaria", port_env="TOLARIA_PORT", env=env, log_dir=work), env
+        service = ServiceProcess(
+            "tolaria", port_env="TOLARIA_PORT", env=env, log_dir=work, drop_inherited=_OURS
         )
         started.append(service.start())
         return service

@@ -70,13 +70,9 @@ def urza_process(
         "ESPER_BUS_PREFIX": prefix,
         **overrides,
     }
-    service = ServiceProcess("urza", port_env="URZA_PORT", env=env, log_dir=log_dir)
-    service.env = {
-        key: value
-        for key, value in service.env.items()
-        if key in env or key == "URZA_PORT" or not key.startswith(_OURS)
-    }
-    return service
+    return ServiceProcess(
+        "urza", port_env="URZA_PORT", env=env, log_dir=log_dir, drop_inherited=_OURS
+    )
 
 
 @pytest.fixture(scope="module")

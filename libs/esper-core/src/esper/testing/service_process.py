@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -33,7 +33,9 @@ class ServiceStartError(RuntimeError):
 
 class ServiceProcess:
     """`env` is added to this process's environment; `port_env` names the variable the service
-    reads its port from (e.g. `URZA_PORT`)."""
+    reads its port from (e.g. `URZA_PORT`). Variables of this process's environment that start
+    with one of `drop_inherited` (e.g. `("URZA_", "ESPER_BUS_")`) are not passed on, so that a
+    developer's shell cannot change what a test expects; `env` and the port always are."""
 
     def __init__(
         self,
@@ -45,10 +47,13 @@ class ServiceProcess:
         startup_timeout_s: float = 60.0,
         log_dir: str | os.PathLike[str] | None = None,
         port: int | None = None,
+        drop_inherited: Sequence[str] = (),
     ) -> None:
         self.module = module
         self.port = port if port is not None else free_port()
-        self.env = {**os.environ, **(env or {}), port_env: str(self.port)}
+        dropped = tuple(drop_inherited)
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
+        self.env = {**inherited, **(env or {}), port_env: str(self.port)}
         self.ready_path = ready_path
         self.startup_timeout_s = startup_timeout_s
         directory = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="esper-svc-"))
