@@ -17,6 +17,11 @@ if ! docker info >/dev/null 2>&1; then
         echo "e2e: no Docker engine answers and $sandbox is not here" >&2
         exit 1
     fi
+elif [[ -x $sandbox ]] && ! docker image inspect python:3.11-slim >/dev/null 2>&1; then
+    # The sandbox's engine is up but its stand-in base images are gone (a `docker system
+    # prune -a`): it rebuilds them, and no registry could give them back here.
+    echo "e2e: the base images are missing; rebuilding them with $sandbox" >&2
+    "$sandbox"
 fi
 
 python=${PYTHON:-.venv/bin/python}
@@ -24,4 +29,11 @@ python=${PYTHON:-.venv/bin/python}
 "$python" -c "import docker" 2>/dev/null \
     || PIP_CONSTRAINT="$PWD/constraints.txt" "$python" -m pip install --quiet docker
 
-ESPER_E2E=1 exec "$python" -m pytest tests/e2e -v -s -p no:cacheprovider "$@"
+# Each run rebuilds esper/*:dev and leaves the previous images untagged. On the sandbox's vfs
+# storage driver each is a full copy of every layer: a few days of runs here left 74 GB in
+# /var/lib/docker and filled the disk.
+# Untagged images go after the run; tagged ones (the new images, the base images) stay.
+status=0
+ESPER_E2E=1 "$python" -m pytest tests/e2e -v -s -p no:cacheprovider "$@" || status=$?
+docker image prune --force >/dev/null 2>&1 || true
+exit $status
