@@ -328,31 +328,33 @@ def _host_grads(module: nn.Module) -> list[torch.Tensor]:
 def _norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """The L2 norm of each gradient, in float32 (a half-precision norm overflows), one foreach
     call per device instead of an op per tensor."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, g in enumerate(grads):
-        by_device.setdefault(g.device, []).append(i)
-    norms: list[torch.Tensor] = [torch.empty(0)] * len(grads)
-    for indices in by_device.values():
+    norms: list[torch.Tensor | None] = [None] * len(grads)
+    for indices in _by_device(grads).values():
         found = torch._foreach_norm([grads[i] for i in indices], 2, dtype=torch.float32)
         for i, norm in zip(indices, found, strict=True):
             norms[i] = norm
-    return norms
+    return cast(list[torch.Tensor], norms)
 
 
 def _read(tensors: Sequence[torch.Tensor | None]) -> list[float | None]:
     """Scalar tensors as floats, one stack and transfer per device instead of one per value
     (stack promotes mixed dtypes: a count stacked with float32 values reads as a float)."""
     values: list[float | None] = [None] * len(tensors)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        if t is not None:
-            by_device.setdefault(t.device, []).append(i)
-    for indices in by_device.values():
+    for indices in _by_device(tensors).values():
         scalars = [cast(torch.Tensor, tensors[i]) for i in indices]
         stacked = torch.stack([t if t.dim() == 0 else t.reshape(()) for t in scalars])
         for i, value in zip(indices, stacked.tolist(), strict=True):
             values[i] = float(value)
     return values
+
+
+def _by_device(tensors: Sequence[torch.Tensor | None]) -> dict[torch.device, list[int]]:
+    """The indices of `tensors` (None skipped) grouped by device: one op per device."""
+    groups: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t is not None:
+            groups.setdefault(t.device, []).append(i)
+    return groups
 
 
 def _scalar(value: torch.Tensor | float | None) -> float | None:
