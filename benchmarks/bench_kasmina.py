@@ -4,12 +4,19 @@
 - one active low-rank seed per layer / a hand-written module with the same branch;
 - attach: load_kernel of a kernel already in the memory cache, call → ACTIVE at α = 0 (p50).
 
+Per model, every variant is timed in the same rounds, in a shuffled order; a ratio is the median
+of its per-round ratios, `_lo`/`_hi` the ends of its 95 % confidence interval. The noise floor is
+the bare model against itself (another container over the same layers). A verdict is "pass" only
+when the whole interval is within the target and the noise floor's interval within the margin the
+target allows; "fail" when the whole interval is over; otherwise "inconclusive" (not a pass).
+
 Prints one line of figures at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 
@@ -17,7 +24,9 @@ import torch
 from torch import nn
 
 import esper
-from _timing import paired_ratio, percentile
+from _timing import interleaved_times, median_ci, percentile
+
+TARGETS = {"dormant": 1.01, "active_lowrank": 1.05}
 
 
 def mlp() -> nn.Sequential:
@@ -115,32 +124,65 @@ async def attach_p50(samples: int = 200) -> float:
 def compare_case(
     label: str, model: nn.Sequential, x: torch.Tensor, rounds: int
 ) -> dict[str, float]:
-    wrapped = esper.wrap(same_hosts(model), seeds_per_layer=4, kernels=esper.KernelCache())
-    twin = same_hosts(model)
-    active = asyncio.run(with_active_seeds(model))
-    hand = hand_written(model)
-
-    def ratio(baseline: nn.Module, candidate: nn.Module) -> float:
-        return paired_ratio(
-            lambda: train_step(baseline, x), lambda: train_step(candidate, x), rounds=rounds
-        )
-
-    return {
-        f"noise_floor_{label}": ratio(model, twin),
-        f"dormant_{label}": ratio(model, wrapped),
-        f"active_lowrank_{label}": ratio(hand, active),
+    variants: dict[str, nn.Module] = {
+        "bare": model,
+        "twin": same_hosts(model),
+        "wrapped": esper.wrap(same_hosts(model), seeds_per_layer=4, kernels=esper.KernelCache()),
+        "hand": hand_written(model),
+        "active": asyncio.run(with_active_seeds(model)),
     }
+    times = interleaved_times(
+        {name: functools.partial(train_step, m, x) for name, m in variants.items()}, rounds=rounds
+    )
+    pairs = {
+        "noise_floor": ("twin", "bare"),
+        "dormant": ("wrapped", "bare"),
+        "active_lowrank": ("active", "hand"),
+    }
+    figures: dict[str, float] = {}
+    for figure, (candidate, baseline) in pairs.items():
+        ratios = [c / b for c, b in zip(times[candidate], times[baseline], strict=True)]
+        mid, low, high = median_ci(ratios)
+        figures[f"{figure}_{label}"] = mid
+        figures[f"{figure}_{label}_lo"] = low
+        figures[f"{figure}_{label}_hi"] = high
+    return figures
+
+
+def verdict(figures: dict[str, float], figure: str, label: str) -> str:
+    """pass: the whole confidence interval is within the target; fail: all of it is over;
+    inconclusive: it straddles the target, or the A/A interval reaches past the target's margin
+    (this run's noise could hide or fake an effect of that size)."""
+    target = TARGETS[figure]
+    margin = target - 1
+    floor_lo, floor_hi = figures[f"noise_floor_{label}_lo"], figures[f"noise_floor_{label}_hi"]
+    if floor_lo < 1 - margin or floor_hi > 1 + margin:
+        return "inconclusive"
+    if figures[f"{figure}_{label}_hi"] <= target:
+        return "pass"
+    return "fail" if figures[f"{figure}_{label}_lo"] > target else "inconclusive"
 
 
 def main() -> None:
     torch.manual_seed(0)
     figures: dict[str, float] = {}
     figures.update(compare_case("mlp", mlp(), torch.randn(256, 512), rounds=800))
-    figures.update(compare_case("cnn", cnn(), torch.randn(64, 3, 32, 32), rounds=250))
+    figures.update(compare_case("cnn", cnn(), torch.randn(64, 3, 32, 32), rounds=400))
     figures["attach_p50_ms"] = asyncio.run(attach_p50()) * 1e3
+    verdicts = {
+        f"{figure}_{label}": verdict(figures, figure, label)
+        for figure in TARGETS
+        for label in ("mlp", "cnn")
+    }
     line = " ".join(f"{k}={v:.3f}" for k, v in figures.items())
-    print(json.dumps({"bench": "kasmina", **{k: round(v, 4) for k, v in figures.items()}}))
-    print(f"kasmina: {line} (targets: dormant ≤ 1.01, active_lowrank ≤ 1.05, attach_p50_ms ≤ 1)")
+    said = " ".join(f"{k}={v}" for k, v in verdicts.items())
+    print(
+        json.dumps({"bench": "kasmina", **{k: round(v, 4) for k, v in figures.items()}, **verdicts})
+    )
+    print(
+        f"kasmina: {line} verdicts: {said} (targets: dormant ≤ 1.01, active_lowrank ≤ 1.05, "
+        "attach_p50_ms ≤ 1; a verdict needs the 95 % interval within the target)"
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from esper.contracts import (
     ControlDecision,
     DecisionTaken,
     Envelope,
+    HostSignature,
     JobStatusChanged,
     KernelReady,
     Message,
@@ -33,7 +34,6 @@ from esper.contracts import (
     SeedTransition,
     TelemetryReport,
 )
-from esper.signature import HostSignature
 from esper.testing import RedisServer, ServiceProcess
 
 RUNNING, FINISHED = 10, 100

@@ -22,8 +22,8 @@ from torch import nn
 
 from _timing import percentile
 from esper.blueprints import BUILTIN_BLUEPRINTS, compile_blueprint
+from esper.contracts import HostSignature
 from esper.kernels import KernelCache, RedisKernelTier, UrzaKernelTier
-from esper.signature import HostSignature
 from esper.testing import RedisServer, ServiceProcess
 
 COMPILES = 5

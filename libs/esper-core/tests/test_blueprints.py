@@ -19,12 +19,12 @@ from torch import nn
 from esper.blueprints import BUILTIN_BLUEPRINTS, BlueprintSpec, get_blueprint, instantiate
 from esper.blueprints.sizes import MAX_EXPR_LENGTH, eval_size, parse_size
 from esper.blueprints.spec import MAX_OPS
+from esper.contracts import HostSignature
 from esper.exceptions import (
     BlueprintHostError,
     BlueprintSpecError,
     UnknownBlueprintError,
 )
-from esper.signature import HostSignature
 
 LINEAR = HostSignature(kind="linear", in_features=12, out_features=20)
 CONV = HostSignature(

@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 from bus_worker import Ping, Sample, wait_until
 
 from esper.bus import FIELD, BusSettings, Consumer, Delivery, Producer
+from esper.contracts import DecisionTaken, DecisionTakenV1
 from esper.contracts.envelope import Envelope
 
 
@@ -128,6 +129,33 @@ async def test_consumer_reads_several_topics_and_dispatches_by_type(
         await producer.publish(Envelope.wrap(Sample(step=5), source="kasmina"))
         await wait_until(lambda: pings and samples)
     assert (pings, samples) == ([1], [5])
+
+
+async def test_an_old_version_is_handed_to_the_handler_upgraded(
+    bus_settings: BusSettings, producer: Producer
+) -> None:
+    got: list[Delivery] = []
+
+    async def handle(d: Delivery) -> None:
+        got.append(d)
+
+    # What a producer from before refusal codes sends: event.decision_taken v1, words only.
+    old = DecisionTakenV1(
+        decision_id="d-1",
+        job_id="job-1",
+        action="germinate",
+        outcome="refused",
+        reason="max_seeds reached: the job holds 1 seed(s) and max_seeds is 1",
+        layer="2",
+    )
+    consumer = Consumer("svc", ["events"], settings=bus_settings)
+    consumer.register(DecisionTaken, handle)
+    async with consumer:
+        await producer.publish(Envelope.wrap(old, source="tolaria-old"))
+        await wait_until(lambda: got)
+    (d,) = got
+    assert d.envelope.version == 1
+    assert type(d.message) is DecisionTaken and d.message.code == "max_seeds"
 
 
 async def test_message_without_a_handler_is_acked_and_counted_as_ignored(

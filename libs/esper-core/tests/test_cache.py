@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from esper.blueprints import compile_blueprint
+from esper.contracts import HostSignature
 from esper.exceptions import (
     ArtifactError,
     CorruptArtifactError,
@@ -25,7 +26,6 @@ from esper.exceptions import (
 )
 from esper.kernels import CachedKernel, KernelArtifact, KernelCache, KernelSource, digest_of
 from esper.kernels.artifact import kernel_id_for
-from esper.signature import HostSignature
 
 KEY = b"cache-key"
 

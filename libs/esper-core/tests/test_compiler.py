@@ -16,6 +16,7 @@ from esper.blueprints import (
     get_blueprint,
     instantiate,
 )
+from esper.contracts import HostSignature, KernelFormat
 from esper.exceptions import (
     BlueprintHostError,
     CompileError,
@@ -23,8 +24,6 @@ from esper.exceptions import (
     UnknownBlueprintError,
 )
 from esper.kernels import KERNEL_ID_RE, KernelArtifact, deserialize, digest_of, verify
-from esper.kernels.artifact import KernelFormat
-from esper.signature import HostSignature
 
 FORMATS: tuple[KernelFormat, ...] = ("export", "torchscript")
 LINEAR = HostSignature(kind="linear", in_features=12, out_features=20)

@@ -14,9 +14,12 @@ from torch import nn
 import esper
 from esper.contracts import (
     MESSAGES,
+    SEED_STATE_NAMES,
     TOPICS,
+    Blend,
     ControlDecision,
     DecisionTaken,
+    DecisionTakenV1,
     Envelope,
     ErrorBody,
     HealthStatus,
@@ -27,6 +30,7 @@ from esper.contracts import (
     Message,
     Page,
     Readiness,
+    SeedStateName,
     SeedStats,
     SeedTransition,
     TelemetryReport,
@@ -37,7 +41,6 @@ from esper.contracts import (
     register,
 )
 from esper.contracts import envelope as envelope_module
-from esper.contracts._types import SeedStateName
 from esper.exceptions import (
     ConfigError,
     MalformedMessageError,
@@ -46,7 +49,7 @@ from esper.exceptions import (
     UnknownMessageTypeError,
     UnsupportedVersionError,
 )
-from esper.kasmina import LifecycleEvent, SeedState
+from esper.kasmina import BlendMode, LifecycleEvent, SeedState
 
 EXAMPLES = examples()
 CASES = [
@@ -432,6 +435,12 @@ def test_finite_or_none() -> None:
 
 def test_seed_state_names_are_kasmina_seed_states() -> None:
     assert set(get_args(SeedStateName)) == {s.name for s in SeedState}
+    # In order too: Nissa lists states in metrics by this tuple, and DORMANT must stay first.
+    assert tuple(s.name for s in SeedState) == SEED_STATE_NAMES
+
+
+def test_blend_names_are_kasmina_blend_modes() -> None:
+    assert set(get_args(Blend)) == {m.value for m in BlendMode}
 
 
 # ----------------------------------------------------------------------------- events
@@ -501,6 +510,110 @@ def test_kernel_ready_from_a_real_kernel_meta(
     assert message.host == meta.host and message.digest == meta.digest
     assert message.blueprint == "low_rank" and message.params == meta.params > 0
     assert Envelope.decode(Envelope.wrap(message, source="urza").encode()).message() == message
+
+
+# ----------------------------------------------------------------------------- decision_taken
+
+GERMINATE = ControlDecision(
+    decision_id="d-1",
+    job_id="job-1",
+    action="germinate",
+    layer="2",
+    blueprint="residual_mlp",
+    reason="plateau",
+)
+
+
+def test_a_refusal_is_built_with_its_code_in_one_place() -> None:
+    refused = DecisionTaken.refused(GERMINATE, "kernel_unavailable", "x" * 5000)
+    assert (refused.outcome, refused.code, refused.job_id, refused.seed) == (
+        "refused",
+        "kernel_unavailable",
+        "job-1",
+        None,
+    )
+    assert len(refused.reason) == 2000  # a long error is shortened rather than fail the answer
+    answered = DecisionTaken.refused(GERMINATE, "wrong_job", "not mine", job_id="job-2", seed=1)
+    assert (answered.job_id, answered.seed, answered.decision_id) == ("job-2", 1, "d-1")
+    assert Envelope.decode(Envelope.wrap(answered, source="t").encode()).message() == answered
+
+
+def test_a_refusal_without_a_code_or_an_answer_applied_with_one_is_refused() -> None:
+    fields: dict[str, Any] = {
+        "decision_id": "d-1",
+        "job_id": "job-1",
+        "action": "germinate",
+        "reason": "words",
+        "layer": "2",
+    }
+    with pytest.raises(ValidationError, match="a refused decision needs a code"):
+        DecisionTaken(**fields, outcome="refused")
+    with pytest.raises(ValidationError, match="an applied decision has no refusal code"):
+        DecisionTaken(**fields, outcome="applied", code="internal")
+    with pytest.raises(ValidationError, match="code"):
+        DecisionTaken(**fields, outcome="refused", code="slot_busy")
+    with pytest.raises(MessageValidationError, match="a refused decision needs a code"):
+        Envelope.decode(raw_with(DecisionTaken, outcome="refused"))
+    with pytest.raises(MessageValidationError, match="an applied decision has no refusal code"):
+        Envelope.decode(raw_with(DecisionTaken, code="max_seeds"))
+
+
+def v1_answer(outcome: str, reason: str) -> bytes:
+    """An `event.decision_taken` v1 envelope, as a producer from before refusal codes sent it."""
+    payload = {
+        "decision_id": "d-1",
+        "job_id": "job-1",
+        "action": "germinate",
+        "outcome": outcome,
+        "reason": reason,
+        "layer": "2",
+        "seed": None,
+    }
+    envelope = {"type": "event.decision_taken", "version": 1, "source": "tolaria-old"}
+    return json.dumps({**envelope, "payload": payload}).encode()
+
+
+@pytest.mark.parametrize(
+    ("reason", "code"),
+    [
+        ("no free seed slot in layer '2' (slots: ACTIVE, ACTIVE)", "no_free_slot"),
+        ("max_seeds reached: the job holds 2 seed(s) and max_seeds is 2", "max_seeds"),
+        ("morphogenesis is disabled for this job", "morphogenesis_off"),
+        ("morphogenesis is off for this job", "morphogenesis_off"),
+        ("decision d-1 is for job 'job-2', not for this job 'job-1'", "wrong_job"),
+        ("unknown layer 'nope'; wrapped layers: 0, 2", "unknown_layer"),
+        ("retire names no seed of layer '2'", "invalid_seed"),
+        ("seed 9 is out of range: layer '2' has 2 seed slots (0-1)", "invalid_seed"),
+        ("cannot keep: seed 0 of layer '2' is DORMANT, not ACTIVE", "seed_state"),
+        ("cannot germinate: seed 0 of layer '2' is ACTIVE, not DORMANT; retire it", "seed_state"),
+        (
+            "no kernel for blueprint 'x' on layer '2' (linear 8→8): HTTPError: 503",
+            "kernel_unavailable",
+        ),
+        ("loading kernel krn_0 into seed 0 of layer '2' failed: OSError: gone", "load_failed"),
+        ("cannot ramp seed 0 of layer '2' to α=1.0: LerpBudgetError: over", "alpha_rejected"),
+        ("cannot set α: LerpBudgetError: Σα would be 1.5", "alpha_rejected"),
+        ("the job has finished training", "job_finished"),
+        ("internal error: KeyError: 'no free seed slot'", "internal"),
+        ("the moon is in the wrong phase", "internal"),
+    ],
+)
+def test_a_v1_refusal_is_still_read_and_gets_its_code(reason: str, code: str) -> None:
+    envelope = Envelope.decode(v1_answer("refused", reason))
+    old = envelope.message()
+    assert type(old) is DecisionTakenV1 and envelope.version == 1
+    current = envelope.current()
+    assert type(current) is DecisionTaken
+    assert (current.outcome, current.code, current.reason) == ("refused", code, reason)
+    assert current.model_dump(exclude={"code"}) == old.model_dump()
+
+
+def test_a_v1_answer_applied_reads_as_v2_without_a_code() -> None:
+    current = Envelope.decode(v1_answer("applied", "germinated seed 0")).current()
+    assert type(current) is DecisionTaken and current.code is None
+    # The current version needs no upgrade: current() is the message itself.
+    v2 = Envelope.decode(Envelope.wrap(typical(DecisionTaken), source="t").encode())
+    assert v2.current() is v2.message()
 
 
 # ----------------------------------------------------------------------------- frozen, strict

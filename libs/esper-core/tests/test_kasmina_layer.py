@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -33,6 +33,7 @@ from esper.exceptions import (
     UnsupportedHostError,
 )
 from esper.kasmina import BlendMode, KasminaLayer, LifecycleEvent, SeedInfo, SeedState
+from esper.kasmina.state import SeedSlot
 from esper.kernels import KernelArtifact, KernelMeta, digest_of, serialize
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
@@ -144,7 +145,7 @@ def snapshot(layer: KasminaLayer) -> Snapshot:
         infos=[layer.seed_info(i) for i in range(layer.num_seeds)],
         running=(layer._running_lerp, layer._running_add),
         modules=[id(layer.seed_module(i)) for i in range(layer.num_seeds)],
-        ramps={i: r.to_dict() for i, r in layer._ramps.items()},
+        ramps={i: s.ramp.to_dict() for i, s in enumerate(layer._slots) if s.ramp is not None},
     )
 
 
@@ -1032,3 +1033,117 @@ def test_state_layout_follows_the_model_device_but_keeps_its_dtypes() -> None:
     for buffer in (layout.state, layout.alpha, layout.steps_in_state, layout.contribution):
         assert buffer.device.type == "meta"
     assert layout.alpha.dtype == torch.float32
+
+
+# ===================================================================== slot records
+def used_slot(layer: KasminaLayer, seed: int) -> None:
+    """Give every part of a slot's state a value a fresh slot does not have."""
+    attach(layer, seed, Raising(6, 5), blend="lerp", alpha=0.4, grad_isolation=True)
+    layer.record_contribution(seed, 0.1)
+    layer(torch.randn(2, 6))  # an error: a last error and a count
+    layer.advance()  # steps in state
+    layer.start_ramp(seed, 0.2, steps=5)
+    slot = layer._slots[seed]
+    assert slot.last_error is not None and slot.ramp is not None and slot.call is not None
+    assert int(layer.layout.error_count[seed]) == 1 and layer.contribution(seed) == 0.1
+
+
+def assert_fresh(layer: KasminaLayer, seed: int) -> None:
+    """Slot `seed` is exactly what a new layer's is: record, buffers, module, checkpoint entry."""
+    fresh, _ = linear_layer(seeds=layer.num_seeds, error_threshold=layer.error_threshold)
+    assert layer._slots[seed] == fresh._slots[seed] == SeedSlot()
+    for name, buffer in layer.layout.named_buffers():
+        want = dict(fresh.layout.named_buffers())[name][seed]
+        torch.testing.assert_close(buffer[seed], want, rtol=0, atol=0, equal_nan=True)
+    assert layer.seed_module(seed) is None and str(seed) not in layer.seeds
+    saved = layer.get_extra_state()["seeds"][seed]
+    saved_fresh = fresh.get_extra_state()["seeds"][seed]
+    assert math.isnan(saved.pop("contribution")) and math.isnan(saved_fresh.pop("contribution"))
+    assert saved == saved_fresh
+
+
+def test_a_recycled_slot_is_exactly_a_fresh_one() -> None:
+    layer, _ = linear_layer(error_threshold=5)
+    used_slot(layer, 2)
+    layer.retire(2, "test")
+    assert_fresh(layer, 2)
+    assert layer.all_dormant and layer._running_lerp == layer._running_add == ()
+
+
+def test_a_slot_tripped_by_the_breaker_is_exactly_a_fresh_one() -> None:
+    layer, _ = linear_layer(error_threshold=2)
+    used_slot(layer, 0)
+    layer(torch.randn(2, 6))  # the second error trips the breaker inside the forward
+    assert_fresh(layer, 0)
+
+
+def test_attach_starts_from_a_fresh_slot_whatever_was_written_while_it_was_empty() -> None:
+    layer, _ = linear_layer()
+    layer.record_contribution(1, 0.5)
+    layer.layout.error_count[1] = 2
+    attach(layer, 1, nn.Linear(6, 5), alpha=0.25)
+    assert math.isnan(layer.contribution(1)) and int(layer.layout.error_count[1]) == 0
+    layer.retire(1, "test")
+    assert_fresh(layer, 1)
+
+
+def test_restoring_a_checkpoint_with_an_empty_slot_leaves_it_exactly_fresh() -> None:
+    empty = linear_layer()[0].state_dict()
+    layer, _ = linear_layer()
+    used_slot(layer, 3)
+    attach(layer, 1, nn.Linear(6, 5), alpha=0.5)
+    layer.load_state_dict(empty)
+    assert_fresh(layer, 3)
+    assert_fresh(layer, 1)
+
+
+def test_a_restored_seed_recycles_to_an_exactly_fresh_slot() -> None:
+    source, _ = linear_layer()
+    used_slot(source, 1)
+    layer, _ = linear_layer()
+    layer.kernel_loader = lambda kernel_id, kl: Raising(6, 5)
+    layer.load_state_dict(source.state_dict())
+    # Everything but the last error, which checkpoints do not carry.
+    assert layer.seed_info(1) == replace(source.seed_info(1), last_error=None)
+    assert int(layer.layout.error_count[1]) == 1 and layer._slots[1].ramp is not None
+    layer.retire(1, "test")  # RETIRING with a ramp: this finishes it
+    assert_fresh(layer, 1)
+
+
+def test_a_contribution_survives_a_checkpoint_exactly() -> None:
+    """The record keeps the measured value; the float32 buffer would round 0.1."""
+    source, _ = linear_layer()
+    attach(source, 0, nn.Linear(6, 5), alpha=0.5)
+    source.record_contribution(0, 0.1)
+    assert source.layout.contribution[0].item() == torch.tensor(0.1).item() != 0.1
+    layer, _ = linear_layer()
+    layer.kernel_loader = lambda kernel_id, kl: nn.Linear(6, 5)
+    layer.load_state_dict(source.state_dict())
+    assert layer.contribution(0) == 0.1
+    assert math.isnan(layer.contribution(1))
+
+
+def test_a_checkpoint_without_the_exact_contribution_restores_the_stored_one() -> None:
+    source, _ = linear_layer()
+    attach(source, 0, nn.Linear(6, 5), alpha=0.5)
+    source.record_contribution(0, 0.1)
+    state = source.state_dict()
+    extra = state["_extra_state"]
+    for saved in extra["seeds"]:
+        del saved["contribution"]  # as written before the extra state carried it
+    layer, _ = linear_layer()
+    layer.kernel_loader = lambda kernel_id, kl: nn.Linear(6, 5)
+    layer.load_state_dict(state)
+    assert layer.contribution(0) == torch.tensor(0.1).item()
+    assert math.isnan(layer.contribution(2))
+
+
+def test_one_index_check_serves_the_layer_and_its_lifecycle() -> None:
+    layer, _ = linear_layer(seeds=2)
+    for seed in (-1, 2, True, 1.0):
+        with pytest.raises(SeedIndexError, match=r"\(0\.\.1\)"):
+            layer.check_index(seed)  # type: ignore[arg-type]
+        with pytest.raises(SeedIndexError, match=r"\(0\.\.1\)"):
+            layer.lifecycle.check(seed, SeedState.ALLOCATED)  # type: ignore[arg-type]
+        with pytest.raises(SeedIndexError):
+            layer.record_contribution(seed, 0.0)  # type: ignore[arg-type]

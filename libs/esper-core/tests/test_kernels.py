@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from esper.blueprints import compile_blueprint, get_blueprint, instantiate
+from esper.contracts import HostSignature, KernelFormat
 from esper.exceptions import (
     CorruptArtifactError,
     DigestMismatchError,
@@ -29,8 +30,7 @@ from esper.kernels import (
     sign,
     verify,
 )
-from esper.kernels.artifact import KernelFormat, kernel_id_for
-from esper.signature import HostSignature
+from esper.kernels.artifact import kernel_id_for
 
 FORMATS: tuple[KernelFormat, ...] = ("export", "torchscript")
 LINEAR = HostSignature(kind="linear", in_features=12, out_features=20)

@@ -19,6 +19,7 @@ from esper.contracts import (
     API_BODIES,
     MESSAGES,
     ControlDecision,
+    DecisionTaken,
     Envelope,
     ErrorBody,
     HealthStatus,
@@ -187,6 +188,13 @@ def invalid_payloads(model: type[Message]) -> list[dict[str, Any]]:
         bad += [{**valid, "from_state": "DORMANT"}, {**valid, "to_state": "ZOMBIE"}]
     elif model is JobStatusChanged:
         bad += [{**valid, "previous": valid["status"]}]
+    elif model is DecisionTaken:
+        bad += [
+            {**valid, "outcome": "refused"},  # refused without a code
+            {**valid, "outcome": "refused", "code": None},
+            {**valid, "outcome": "refused", "code": "slot_busy"},  # not one of the codes
+            {**valid, "code": "no_free_slot"},  # applied with a code
+        ]
     return bad
 
 

@@ -138,11 +138,15 @@ def test_submodule_exports_resolve() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["esper", "esper.contracts", "esper.bus", "esper.client", "esper.cli"]
+    "module",
+    ["esper", "esper.contracts", "esper.bus", "esper.client", "esper.cli", "esper.blueprints"],
 )
-def test_importing_the_contracts_bus_client_or_cli_does_not_load_torch(module: str) -> None:
+def test_importing_the_contracts_bus_client_cli_or_blueprints_does_not_load_torch(
+    module: str,
+) -> None:
     """A process that only speaks contracts and the bus (the CLI, Tamiyo, Nissa) must not pay
-    torch's import time (~1.5 s): `import esper` re-exports lazily."""
+    torch's import time (~1.5 s): `import esper` re-exports lazily, and so does
+    `esper.blueprints`, whose catalogue Tamiyo reads."""
     import subprocess
     import sys
 

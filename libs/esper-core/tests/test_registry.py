@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 import esper.registry
+from esper.contracts import HostSignature
 from esper.exceptions import ConfigError, DigestMismatchError, UnknownKernelError
 from esper.kernels import KernelArtifact, KernelCache, KernelMeta, digest_of
 from esper.kernels.artifact import kernel_id_for
 from esper.registry import LocalKernelRegistry, default_registry
-from esper.signature import HostSignature
 
 HOST = HostSignature(kind="linear", in_features=8, out_features=4)
 

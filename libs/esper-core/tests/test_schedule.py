@@ -134,7 +134,7 @@ def test_layer_ramp_moves_alpha_each_advance_and_then_stops() -> None:
         layer.advance()
         seen.append(alpha_of(layer, 0))
     assert seen == pytest.approx([0.4, 0.6, 0.8, 0.8, 0.8])
-    assert layer._ramps == {}
+    assert all(s.ramp is None for s in layer._slots)
 
 
 def test_set_alpha_cancels_a_running_ramp() -> None:
@@ -199,7 +199,7 @@ def test_retire_with_a_bad_ramp_leaves_the_seed_active() -> None:
         layer.retire(0, "x", ramp_steps=-1)
     info = layer.seed_info(0)
     assert (info.state, info.alpha) == (S.ACTIVE, 0.5)
-    assert layer.running_seeds() == (0,) and layer._ramps == {}
+    assert layer.running_seeds() == (0,) and all(s.ramp is None for s in layer._slots)
 
 
 def test_set_alpha_on_a_retiring_seed_is_refused_so_the_retirement_completes() -> None:
@@ -220,7 +220,7 @@ def test_retire_without_ramp_finishes_a_ramping_retirement_at_once() -> None:
     layer.advance()
     layer.retire(0, "now")
     assert layer.seed_info(0).state is S.DORMANT
-    assert alpha_of(layer, 0) == 0.0 and layer._ramps == {}
+    assert alpha_of(layer, 0) == 0.0 and all(s.ramp is None for s in layer._slots)
 
 
 # ================================================================ through MorphableModel
@@ -304,6 +304,6 @@ def test_ramp_seed_alpha_with_bad_arguments_changes_nothing(model: esper.Morphab
         with pytest.raises((ConfigError, AlphaRangeError)):
             model.ramp_seed_alpha("layer1", 0, args["target"], args["steps"], args["shape"])
     model.step()
-    assert layer.seed_info(0).alpha == 0.3 and layer._ramps == {}
+    assert layer.seed_info(0).alpha == 0.3 and all(s.ramp is None for s in layer._slots)
     with pytest.raises(SeedStateError, match=r"seed 1 of layer 'layer1' is DORMANT"):
         model.ramp_seed_alpha("layer1", 1, 0.5, 3)

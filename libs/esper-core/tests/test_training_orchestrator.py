@@ -20,7 +20,7 @@ from esper.blueprints.compiler import compile_kernel_id
 from esper.contracts import Envelope
 from esper.contracts.control import ControlDecision
 from esper.contracts.envelope import Message
-from esper.contracts.events import DecisionTaken, SeedTransition
+from esper.contracts.events import DecisionTaken, RefusalCode, SeedTransition
 from esper.contracts.jobs import MorphogenesisSpec
 from esper.exceptions import ConfigError
 from esper.kasmina import SeedState
@@ -174,7 +174,7 @@ async def test_germinate_without_a_slot_picks_a_free_one(job: Job) -> None:
 
     assert (first.outcome, first.seed) == ("applied", 1)
     assert (second.outcome, second.seed) == ("applied", 0)
-    assert third.outcome == "refused"
+    assert third.outcome == "refused" and third.code == "no_free_slot"
     assert "no free seed slot in layer 'layer1'" in third.reason
     assert [s.state for s in job.morphable.seeds("layer1")] == [S.ACTIVE, S.ACTIVE]
 
@@ -248,6 +248,18 @@ REFUSALS: list[tuple[str, dict[str, Any], list[str]]] = [
     ("keep a dormant seed", {"action": "keep", "seed": 1}, ["cannot keep", "DORMANT"]),
     ("alpha of a dormant seed", {"action": "set_alpha", "seed": 1, "alpha": 0.5}, ["DORMANT"]),
 ]
+CODES: dict[str, RefusalCode] = {
+    "unknown layer": "unknown_layer",
+    "unknown blueprint": "kernel_unavailable",
+    "host mismatch": "kernel_unavailable",
+    "slot occupied": "seed_state",
+    "seed out of range": "invalid_seed",
+    "other job": "wrong_job",
+    "unknown kernel": "load_failed",
+    "retire a dormant seed": "seed_state",
+    "keep a dormant seed": "seed_state",
+    "alpha of a dormant seed": "seed_state",
+}
 
 
 @pytest.mark.parametrize(("case", "fields", "words"), REFUSALS, ids=[r[0] for r in REFUSALS])
@@ -264,6 +276,7 @@ async def test_a_bad_decision_is_refused_and_training_goes_on(
     answer = await job.execute(decision(action, **fields))
 
     assert answer.outcome == "refused"
+    assert answer.code == CODES[case], answer.reason
     for word in words:
         assert word in answer.reason, answer.reason
     assert job.emitted[-1] == answer
@@ -288,7 +301,7 @@ async def test_germination_past_max_seeds_is_refused(make_job: JobFactory) -> No
 
     answer = await job.execute(decision(layer="layer2"))
 
-    assert answer.outcome == "refused"
+    assert answer.outcome == "refused" and answer.code == "max_seeds"
     assert "max_seeds reached" in answer.reason and "holds 2 seed(s)" in answer.reason
     assert job.morphable.seeds("layer2")[1].state is S.DORMANT
     assert math.isfinite(job.train(1))
@@ -298,6 +311,7 @@ async def test_germination_is_refused_when_morphogenesis_is_disabled(make_job: J
     job = make_job(enabled=False)
     answer = await job.execute(decision())
     assert answer.outcome == "refused" and "disabled" in answer.reason
+    assert answer.code == "morphogenesis_off"
     assert all(s.state is S.DORMANT for s in job.morphable.seeds())
 
 
@@ -354,6 +368,7 @@ async def test_retire_at_once(job: Job) -> None:
     # retiring again: the seed is no longer ACTIVE
     again = await job.execute(decision("retire", seed=0))
     assert again.outcome == "refused" and "DORMANT, not ACTIVE" in again.reason
+    assert again.code == "seed_state"
 
 
 async def test_keep_is_recorded_and_kept_only_for_active_seeds(job: Job) -> None:
@@ -369,6 +384,7 @@ async def test_keep_is_recorded_and_kept_only_for_active_seeds(job: Job) -> None
     await job.execute(decision("retire", seed=0, ramp_steps=5))
     refused = await job.execute(decision("keep", seed=0))
     assert refused.outcome == "refused" and "is RETIRING" in refused.reason
+    assert refused.code == "seed_state"
 
 
 async def test_set_alpha_at_once_and_by_ramp(job: Job) -> None:
@@ -394,6 +410,7 @@ async def test_set_alpha_past_the_lerp_budget_is_refused(make_job: JobFactory) -
     answer = await job.execute(decision("set_alpha", seed=1, alpha=0.5))
 
     assert answer.outcome == "refused" and "LerpBudgetError" in answer.reason
+    assert answer.code == "alpha_rejected"
     assert job.alpha(seed=1) == pytest.approx(0.3)
 
 
@@ -404,6 +421,7 @@ async def test_a_germination_that_cannot_reach_its_alpha_is_undone(make_job: Job
     answer = await job.execute(decision(seed=1, alpha=0.5))
 
     assert answer.outcome == "refused" and "cannot ramp seed 1" in answer.reason
+    assert answer.code == "alpha_rejected"
     assert job.morphable.seeds("layer1")[1].state is S.DORMANT
     assert job.orchestrator.seed_views()[0].seed == 0
 
@@ -471,6 +489,27 @@ async def test_measure_without_running_seeds_evaluates_nothing(job: Job) -> None
     assert calls == []
 
 
+async def test_contributions_are_read_from_the_model_which_keeps_the_one_copy(job: Job) -> None:
+    await job.execute(decision(ramp_steps=1))
+    job.morphable.step()
+    metric = iter([0.3, 0.2])  # with the seed, then without it
+    measured = job.orchestrator.measure(lambda: next(metric))
+    value = measured[("layer1", 0)]
+    assert value == 0.3 - 0.2  # exact: not the float32 of the layout buffer
+    assert job.morphable.contribution("layer1", 0) == value
+    assert [v.contribution for v in job.orchestrator.seed_views()] == [value]
+
+    job.morphable.record_contribution("layer1", 0, 0.125)  # measured elsewhere, later
+    assert job.orchestrator.contributions() == {("layer1", 0): 0.125}
+    assert [v.contribution for v in job.orchestrator.seed_views()] == [0.125]
+    assert job.orchestrator.state_dict()["contributions"] == [["layer1", 0, 0.125]]
+
+    job.orchestrator.measure(lambda: math.nan)  # diverged: the earlier value must not stand
+    assert math.isnan(job.morphable.contribution("layer1", 0))
+    assert job.orchestrator.contributions() == {}
+    assert [v.contribution for v in job.orchestrator.seed_views()] == [None]
+
+
 # ----------------------------------------------------------------------------- checkpoint
 async def test_state_dict_round_trip_makes_a_repeated_decision_a_no_op(
     job: Job, make_job: JobFactory, mlp: nn.Module
@@ -503,6 +542,33 @@ async def test_state_dict_round_trip_makes_a_repeated_decision_a_no_op(
     record = resumed.orchestrator.records()[("layer1", 0)]
     assert (record.decision_id, record.kept_step) == ("g-resume", 5)
     assert resumed.orchestrator.step == job.orchestrator.step
+
+
+async def test_a_checkpoint_from_before_refusal_codes_is_read_with_its_codes(job: Job) -> None:
+    refused = await job.execute(decision(layer="layer9"))
+    applied = await job.execute(decision())
+    state = json.loads(json.dumps(job.orchestrator.state_dict()))
+    for answer in state["decisions"]:  # as a v1 orchestrator wrote them: no code
+        del answer["code"]
+
+    job.orchestrator.load_state_dict(state)
+
+    assert job.orchestrator.outcome(refused.decision_id) == refused
+    assert job.orchestrator.outcome(applied.decision_id) == applied
+    again = await job.execute(decision(layer="layer9", decision_id=refused.decision_id))
+    assert again.code == "unknown_layer"
+
+
+async def test_an_unexpected_error_is_refused_as_internal(
+    job: Job, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(job.orchestrator, "_layer", broken)
+    answer = await job.execute(decision())
+    assert (answer.outcome, answer.code) == ("refused", "internal")
+    assert answer.reason.startswith("internal error: KeyError")
 
 
 def test_load_state_dict_refuses_an_unreadable_state(job: Job) -> None:

@@ -50,6 +50,7 @@ def nissa_process(
         **FAST,
         "NISSA_DATA_DIR": str(data_dir),
         "NISSA_INSTANCE": f"nissa-test-{next(_instances)}",
+        "NISSA_URZA_URL": "",  # no Urza runs beside these: none is looked for on the default port
         "ESPER_BUS_REDIS_URL": bus_url,
         "ESPER_BUS_PREFIX": prefix,
         **overrides,

@@ -145,6 +145,7 @@ def job_story(job_id: str, t0: float, kernel: str = KERNEL) -> list[tuple[Messag
     from esper.contracts import (
         ControlDecision,
         DecisionTaken,
+        HostSignature,
         JobQueued,
         JobStatusChanged,
         KernelReady,
@@ -152,7 +153,6 @@ def job_story(job_id: str, t0: float, kernel: str = KERNEL) -> list[tuple[Messag
         SeedTransition,
         TelemetryReport,
     )
-    from esper.signature import HostSignature
 
     def step(epoch: int, n: int, at: float, seeds: list[SeedStats] | None = None) -> Any:
         report = TelemetryReport(

@@ -183,6 +183,23 @@ def test_decision_latency_whichever_half_arrives_first() -> None:
     assert state.counters["esper_decisions"] == {("keep",): 1.0}
 
 
+def test_answers_are_counted_by_their_refusal_code() -> None:
+    clock = Clock()
+    state = make(clock)
+    germinate = ControlDecision(
+        decision_id="d1", job_id="j", action="germinate", layer="l", blueprint="bp", reason="x"
+    )
+    state.on_decision_taken(DecisionTaken.refused(germinate, "no_free_slot", "full"), clock.now)
+    applied = DecisionTaken(
+        decision_id="d2", job_id="j", action="keep", outcome="applied", reason="ok", layer="l"
+    )
+    state.on_decision_taken(applied, clock.now)
+    assert state.counters["esper_decision_outcomes"] == {
+        ("germinate", "refused", "no_free_slot"): 1.0,
+        ("keep", "applied", ""): 1.0,
+    }
+
+
 def test_thin_keeps_a_long_curve_bounded_with_its_newest_points() -> None:
     points = list(range(101))
     dropped = thin(points, 100)

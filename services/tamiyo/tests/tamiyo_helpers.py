@@ -13,6 +13,7 @@ from esper.contracts import (
     DecisionTaken,
     JobStatusChanged,
     LayerStats,
+    RefusalCode,
     SeedStats,
     SeedTransition,
     TelemetryReport,
@@ -98,12 +99,14 @@ def taken(
     layer_name: str = "2",
     slot: int | None = 0,
     reason: str = "germinated seed 0",
+    code: RefusalCode | None = None,
 ) -> DecisionTaken:
     return DecisionTaken(
         decision_id=decision_id,
         job_id=job_id,
         action=action,  # type: ignore[arg-type]
         outcome=outcome,  # type: ignore[arg-type]
+        code=code,
         reason=reason,
         layer=layer_name,
         seed=slot,

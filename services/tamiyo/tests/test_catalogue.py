@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from esper.blueprints import BUILTIN_BLUEPRINTS
+from esper.client import UrzaClient
 from esper.testing import RedisServer, ServiceProcess
 from esper.testing.redis_server import free_port
 from tamiyo.catalogue import Catalogue
@@ -36,7 +37,7 @@ def urza(
 
 
 async def test_blueprints_come_from_urza_and_a_new_one_is_found(urza: ServiceProcess) -> None:
-    catalogue = Catalogue(urza.url, ttl_s=3600)
+    catalogue = Catalogue(UrzaClient(urza.url), ttl_s=3600)
     entries, source = await catalogue.entries()
     assert source == "urza"
     assert {b.name for b in entries} == set(BUILTIN_BLUEPRINTS)
@@ -62,14 +63,14 @@ async def test_a_kernels_host_kind_comes_from_urza(urza: ServiceProcess) -> None
     )
     assert compiled.status_code in (200, 201), compiled.text
     kernel_id = compiled.json()["kernel"]["kernel_id"]
-    catalogue = Catalogue(urza.url)
+    catalogue = Catalogue(UrzaClient(urza.url))
     assert await catalogue.kernel_kind(kernel_id) == "linear"
     assert await catalogue.kernel_kind("krn_" + "0" * 24) is None  # Urza does not know it
     await catalogue.aclose()
 
 
 async def test_without_urza_the_builtins_stand_in_and_say_so() -> None:
-    catalogue = Catalogue(f"http://127.0.0.1:{free_port()}", timeout_s=0.5)
+    catalogue = Catalogue(UrzaClient(f"http://127.0.0.1:{free_port()}", timeout_s=0.5))
     entries, source = await catalogue.entries()
     assert source == "builtin" and {b.name for b in entries} == set(BUILTIN_BLUEPRINTS)
     with pytest.raises(LookupError):

@@ -277,7 +277,14 @@ async def test_a_refusal_is_recorded_and_charged_to_the_blueprint(harness: Harne
     await flat_job(harness, "job-g", range(3))
     [germinate] = await decisions_of(harness, "job-g")
     await harness.send(
-        taken("job-g", germinate.decision_id, "refused", slot=None, reason="compile failed")
+        taken(
+            "job-g",
+            germinate.decision_id,
+            "refused",
+            slot=None,
+            reason="compile failed",
+            code="kernel_unavailable",
+        )
     )
 
     async def refused() -> JobState | None:

@@ -21,7 +21,7 @@ from tamiyo_helpers import (
     transition,
 )
 
-from esper.contracts import ControlDecision, JobStatusChanged
+from esper.contracts import REFUSAL_CODES, ControlDecision, JobStatusChanged, RefusalCode
 from tamiyo.choice import BlueprintInfo, choose_blueprint, rank_layers
 from tamiyo.config import PolicyConfig
 from tamiyo.controller import build_decision
@@ -135,6 +135,7 @@ def test_a_layer_without_a_free_slot_is_skipped_until_a_seed_leaves_it() -> None
             "refused",
             slot=None,
             reason="no free seed slot in layer '2' (slots: ACTIVE)",
+            code="no_free_slot",
         )
     )
     assert driver.state.layers["2"].full
@@ -195,7 +196,16 @@ def test_a_blueprint_that_keeps_failing_is_not_chosen_again() -> None:
     for _ in range(3):
         epoch, decision_id = germinated(driver, upto=epoch + 10, start=epoch)
         chosen.append(driver.state.pending.blueprint)  # type: ignore[union-attr]
-        driver.event(taken("job-1", decision_id, "refused", slot=None, reason="compile failed"))
+        driver.event(
+            taken(
+                "job-1",
+                decision_id,
+                "refused",
+                slot=None,
+                reason="compile failed",
+                code="kernel_unavailable",
+            )
+        )
         epoch += 1
     # diversify: residual_mlp, bottleneck, then the least tried that is not penalised yet
     assert chosen == ["residual_mlp", "bottleneck", "residual_mlp"]
@@ -317,6 +327,7 @@ def test_the_jobs_own_seed_cap_is_learned_from_its_refusal() -> None:
             "refused",
             slot=None,
             reason="max_seeds reached: the job holds 0 seed(s) and max_seeds is 0",
+            code="max_seeds",
         )
     )
     assert driver.state.seed_cap == 0
@@ -328,11 +339,74 @@ def test_a_refused_blueprint_is_charged_and_cools_the_job_down() -> None:
     driver = Driver(**{**FAST, "cooldown_epochs": 2})
     epoch, decision_id = germinated(driver)
     driver.event(
-        taken("job-1", decision_id, "refused", slot=None, reason="no kernel for blueprint")
+        taken(
+            "job-1",
+            decision_id,
+            "refused",
+            slot=None,
+            reason="no kernel for blueprint",
+            code="kernel_unavailable",
+        )
     )
     assert driver.state.pending is None
     assert driver.state.blueprints["residual_mlp"].failures == 1
     assert driver.state.cooldown_until == epoch + 2
+
+
+def refusal_effect(code: RefusalCode, reason: str) -> tuple[object, ...]:
+    """What a refusal of a fresh germination changes: (layer full, seed cap, morphogenesis off,
+    blueprint failures, epochs of cooldown)."""
+    driver = Driver(**{**FAST, "cooldown_epochs": 2})
+    epoch, decision_id = germinated(driver)
+    refusal = taken("job-1", decision_id, "refused", slot=None, reason=reason, code=code)
+    assert driver.event(refusal)
+    state = driver.state
+    assert state.pending is None and state.cooldown_until is not None
+    failures = tuple(sorted((n, r.failures) for n, r in state.blueprints.items() if r.failures))
+    return (
+        state.layers["2"].full,
+        state.seed_cap,
+        state.morphogenesis_off,
+        failures,
+        state.cooldown_until - epoch,
+    )
+
+
+WORDINGS = (
+    "no free seed slot in layer '2' (slots: ACTIVE)",
+    "max_seeds reached: the job holds 0 seed(s) and max_seeds is 0",
+    "morphogenesis is off for this job",
+    "compile failed",
+    "every slot of this layer is taken",
+)
+
+
+@pytest.mark.parametrize("code", REFUSAL_CODES)
+def test_a_refusal_is_acted_on_by_its_code_whatever_its_words(code: RefusalCode) -> None:
+    effects = {refusal_effect(code, reason) for reason in WORDINGS}
+    assert len(effects) == 1, effects
+    [(full, cap, off, failures, cooldown)] = effects
+    assert cooldown == 2
+    assert full is (code == "no_free_slot")
+    assert cap == (0 if code == "max_seeds" else None)
+    assert off is (code == "morphogenesis_off")
+    charged = code not in ("no_free_slot", "max_seeds", "morphogenesis_off")
+    assert failures == ((("residual_mlp", 1),) if charged else ())
+
+
+def test_the_same_words_under_another_code_act_differently() -> None:
+    words = "no free seed slot in layer '2' (slots: ACTIVE)"
+    codes: tuple[RefusalCode, ...] = (
+        "no_free_slot",
+        "max_seeds",
+        "morphogenesis_off",
+        "kernel_unavailable",
+    )
+    effects = {code: refusal_effect(code, words) for code in codes}
+    assert len(set(effects.values())) == len(codes), effects
+    assert effects["no_free_slot"][0] is True
+    assert effects["kernel_unavailable"][0] is False
+    assert effects["kernel_unavailable"][3] == (("residual_mlp", 1),)
 
 
 def test_a_germination_never_answered_is_given_up() -> None:

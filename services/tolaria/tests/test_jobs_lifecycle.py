@@ -112,6 +112,7 @@ def test_a_decision_on_the_control_topic_germinates_a_seed_that_trains(
     }
     assert taken[good]["outcome"] == "applied"
     assert taken[bad]["outcome"] == "refused" and "no_such_layer" in taken[bad]["reason"]
+    assert taken[bad]["code"] == "unknown_layer" and taken[good]["code"] is None
     states = [e["payload"]["to_state"] for e in events if e["type"] == "event.seed_transition"]
     assert states[:3] == ["ALLOCATED", "LOADING", "ACTIVE"]
     reported = [s for e in events if e["type"] == "telemetry.report" for s in e["payload"]["seeds"]]
@@ -192,3 +193,4 @@ def test_a_job_without_morphogenesis_trains_the_plain_model_and_refuses_decision
     refusals = [e["payload"] for e in events if e["type"] == "event.decision_taken"]
     assert [r["outcome"] for r in refusals] == ["refused"]
     assert "morphogenesis is off" in refusals[0]["reason"]
+    assert refusals[0]["code"] == "morphogenesis_off"

@@ -124,6 +124,7 @@ def test_a_decision_is_answered_between_two_steps_and_training_goes_on(
     assert isinstance(outcome, DecisionTaken)
     assert (outcome.decision_id, outcome.outcome) == ("d-loop-1", "refused")
     assert "no Urza is configured" in outcome.reason
+    assert outcome.code == "kernel_unavailable"
     assert trainer.progress.step == -(-len(trainer.data.train_y) // 32)
     assert not runtime.wakeups
 

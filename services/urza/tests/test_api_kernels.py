@@ -24,11 +24,10 @@ import redis
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from esper.contracts import Envelope, KernelResult, Page
+from esper.contracts import Envelope, HostSignature, KernelMeta, KernelResult, Page
 from esper.contracts.api import ErrorBody, ErrorInfo
-from esper.kernels.artifact import KernelArtifact, KernelMeta, sign
+from esper.kernels.artifact import KernelArtifact, sign
 from esper.kernels.executor import deserialize, probe_input
-from esper.signature import HostSignature
 from esper.testing import ServiceProcess
 
 LINEAR_16 = {"kind": "linear", "in_features": 16, "out_features": 16}

@@ -18,9 +18,8 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from esper.contracts import Envelope, KernelResult
+from esper.contracts import Envelope, KernelMeta, KernelResult
 from esper.contracts.api import ErrorBody, HealthStatus, Readiness
-from esper.kernels.artifact import KernelMeta
 from esper.testing import RedisServer, ServiceProcess
 
 DEADLINE_S = 15.0

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import esper
+from esper.contracts import HostSignature, KernelMeta
 from esper.exceptions import KernelFetchError, SignatureMismatchError
 from esper.kernels import KernelCache, RedisKernelTier, tiered_cache
-from esper.kernels.artifact import KernelMeta, digest_of
-from esper.signature import HostSignature
+from esper.kernels.artifact import digest_of
 from esper.testing import RedisServer, ServiceProcess
 
 TOKEN = "tier-token"

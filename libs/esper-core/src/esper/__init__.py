@@ -14,6 +14,7 @@ from esper.exceptions import EsperError
 
 if TYPE_CHECKING:
     from esper.blueprints import BUILTIN_BLUEPRINTS, BlueprintSpec, compile_blueprint, get_blueprint
+    from esper.contracts.kernels import HostSignature, KernelMeta
     from esper.kasmina import (
         AlphaRamp,
         BlendMode,
@@ -23,10 +24,9 @@ if TYPE_CHECKING:
         SeedState,
         StateLayout,
     )
-    from esper.kernels import KernelArtifact, KernelCache, KernelExecutor, KernelMeta, KernelSource
+    from esper.kernels import KernelArtifact, KernelCache, KernelExecutor, KernelSource
     from esper.morphable import MorphableModel, wrap
     from esper.registry import LocalKernelRegistry, default_registry
-    from esper.signature import HostSignature
 
 __version__ = "0.1.0"
 
@@ -72,12 +72,12 @@ _WHERE = {
     "KernelArtifact": "esper.kernels",
     "KernelCache": "esper.kernels",
     "KernelExecutor": "esper.kernels",
-    "KernelMeta": "esper.kernels",
+    "KernelMeta": "esper.contracts.kernels",
     "KernelSource": "esper.kernels",
     "MorphableModel": "esper.morphable",
     "wrap": "esper.morphable",
     "LocalKernelRegistry": "esper.registry",
     "default_registry": "esper.registry",
-    "HostSignature": "esper.signature",
+    "HostSignature": "esper.contracts.kernels",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _WHERE)

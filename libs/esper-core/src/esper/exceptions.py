@@ -32,6 +32,7 @@
     │   └── MessageValidationError      the payload does not fit its contract         ValueError
     ├── BusError                        Redis could not be reached in time
     └── ServiceError                    a service answered an HTTP call with an error
+        └── ServiceUnreachableError     no answer: refused, timed out or cut off
 
 Every message names the thing it is about (layer, seed index, kernel id, blueprint, op).
 """
@@ -172,11 +173,29 @@ class BusError(EsperError):
 
 class ServiceError(EsperError):
     """A service answered with an error body: `status`, its `type` and `message` are kept, so a
-    caller can tell an unknown name (404) from bad input (422) from an outage (5xx)."""
+    caller can tell an unknown name (404) from bad input (422) from an outage (5xx).
+    `retry_after_s` is the answer's numeric Retry-After, when it had one."""
 
-    def __init__(self, service: str, status: int, type: str, message: str) -> None:
+    def __init__(
+        self,
+        service: str,
+        status: int,
+        type: str,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(f"{service}: {status} {type}: {message}")
         self.service = service
         self.status = status
         self.type = type
         self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class ServiceUnreachableError(ServiceError):
+    """No answer came (status 503, type `unreachable`): the service may be down or restarting,
+    so unlike most errors this one is worth retrying."""
+
+    def __init__(self, service: str, message: str) -> None:
+        super().__init__(service, 503, "unreachable", message)

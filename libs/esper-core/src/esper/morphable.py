@@ -175,9 +175,12 @@ class MorphableModel(nn.Module):
             self._leave_optimizers()
 
     def record_contribution(self, layer: str, seed_idx: int, value: float) -> None:
-        kl = self.layer(layer)
-        kl.check_index(seed_idx)
-        kl.layout.contribution[seed_idx] = float(value)
+        """Record a seed's measured contribution in its layer (the one place it is kept)."""
+        self.layer(layer).record_contribution(seed_idx, value)
+
+    def contribution(self, layer: str, seed_idx: int) -> float:
+        """The seed's last recorded contribution; NaN while it has none."""
+        return self.layer(layer).contribution(seed_idx)
 
     @contextlib.contextmanager
     def seed_alpha_forced(self, layer: str, seed_idx: int, alpha: float = 0.0) -> Iterator[None]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,26 +19,14 @@ from torch import nn
 
 from esper.blueprints.compiler import compile_blueprint
 from esper.blueprints.spec import BlueprintSpec
+from esper.contracts.kernels import HostSignature, KernelMeta
+from esper.contracts.vocabulary import KERNEL_ID_RE, KernelFormat
 from esper.exceptions import ConfigError, UnknownKernelError
-from esper.kernels.artifact import KERNEL_ID_RE, KernelArtifact, KernelFormat, KernelMeta, verify
+from esper.files import atomic_write
+from esper.kernels.artifact import KernelArtifact, verify
 from esper.kernels.cache import KernelSource
-from esper.signature import HostSignature
 
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class LocalKernelRegistry(KernelSource):
@@ -72,8 +59,8 @@ class LocalKernelRegistry(KernelSource):
         meta = artifact.meta
         with self._lock:
             if self.root is not None:
-                _atomic_write(self._blob_path(meta), artifact.data)
-                _atomic_write(
+                atomic_write(self._blob_path(meta), artifact.data)
+                atomic_write(
                     self.root / "kernels" / f"{meta.kernel_id}.json",
                     meta.model_dump_json(indent=2).encode(),
                 )
@@ -101,7 +88,7 @@ class LocalKernelRegistry(KernelSource):
                 raise UnknownKernelError(f"cannot tag {tag!r}: unknown kernel {kernel_id!r}")
             self._tags[tag] = kernel_id
             if self.root is not None:
-                _atomic_write(self.root / "tags.json", json.dumps(self._tags, indent=2).encode())
+                atomic_write(self.root / "tags.json", json.dumps(self._tags, indent=2).encode())
 
     @staticmethod
     def _check_tag(tag: str) -> None:

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from esper.testing.redis_server import RedisServer
-from esper.testing.service_process import ServiceProcess
+from esper.processes import RedisServer, ServiceProcess
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,7 @@
 """`python -m nissa`: serve Nissa with the settings from the environment."""
 
 from esper.service import serve
-from nissa.deps import get_settings
 from nissa.main import create_app
 
 if __name__ == "__main__":
-    serve(create_app(), get_settings())
+    serve(create_app())

@@ -19,12 +19,12 @@ again, and its lag would grow forever.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from typing import Any
 
 from esper.bus import CONNECTION_ERRORS, BusSettings, DeadLetter, connect
+from esper.service import Periodic
 from nissa.labels import JOB_GROUP, JOB_GROUP_PREFIX, dead_letter_reason, fold_group
 from nissa.state import BusSnapshot, GroupStat, NissaState
 
@@ -58,34 +58,26 @@ class BusWatch:
         self.redis = connect(bus)
         self._count_after = self.redis.register_script(COUNT_AFTER)
         self.dead_cursor: str | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("bus figures", interval_s, self._poll_or_mark_unread, logger=log)
         self.polls = 0
 
     async def start(self) -> None:
         """Take the dead-letter baseline (best effort: Redis may be away), then poll."""
         with contextlib.suppress(*CONNECTION_ERRORS):
             await self._dead_letter_baseline()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="nissa-buswatch")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.stop()
         await self.redis.aclose()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.poll()
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:
-                # Unread figures are dropped, not kept: a stale lag would look like a live one.
-                self.state.bus = BusSnapshot(ok=False, ts=self.state.now())
-                level = logging.WARNING if isinstance(err, CONNECTION_ERRORS) else logging.ERROR
-                log.log(level, "bus figures not read: %s: %s", type(err).__name__, err)
-            await asyncio.sleep(self.interval_s)
+    async def _poll_or_mark_unread(self) -> None:
+        try:
+            await self.poll()
+        except Exception:
+            # Unread figures are dropped, not kept: a stale lag would look like a live one.
+            self.state.bus = BusSnapshot(ok=False, ts=self.state.now())
+            raise
 
     async def poll(self) -> None:
         if self.dead_cursor is None:

@@ -1,20 +1,17 @@
-"""Dependencies routes declare with `Annotated`; `create_app` overrides `get_settings`."""
+"""Dependencies routes declare with `Annotated`; the settings are those the app was built with."""
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from esper.service import settings_dependency
 from nissa.reports import ReportStore
 from nissa.settings import NissaSettings
 from nissa.state import NissaState
 
-
-@lru_cache
-def get_settings() -> NissaSettings:
-    return NissaSettings()
+get_settings = settings_dependency(NissaSettings)
 
 
 def get_state(request: Request) -> NissaState:

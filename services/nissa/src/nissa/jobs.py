@@ -12,25 +12,21 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from esper.contracts import RUNNING_SEED_STATES, TERMINAL_JOB_STATUSES, Outcome
 from nissa.reports import (
     ContributionPoint,
     DecisionReport,
     EpochPoint,
     JobReport,
     JobSummary,
-    Outcome,
     ReportStatus,
     SeedReport,
     StepPoint,
     TransitionRecord,
 )
 
-TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
-SEED_STATES = ("DORMANT", "ALLOCATED", "LOADING", "ACTIVE", "RETIRING", "RECYCLING")
 Kernels = dict[str, tuple[str | None, int]]
 """kernel id → (blueprint, parameters), from `kernel.ready` events and Urza."""
-PARAM_STATES = frozenset({"ACTIVE", "RETIRING"})
-"""Seeds whose kernel runs in the model's forward: their parameters are "added"."""
 
 
 def thin(items: list[Any], cap: int) -> int:
@@ -124,7 +120,7 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return self.status in TERMINAL
+        return self.status in TERMINAL_JOB_STATUSES
 
     def drop(self, kind: str, n: int = 1) -> None:
         if n:
@@ -211,7 +207,7 @@ class Job:
             dropped=dict(report.dropped),
             dirty=False,
         )
-        job.counted_endings = {report.status} if report.status in TERMINAL else set()
+        job.counted_endings = {report.status} if report.status in TERMINAL_JOB_STATUSES else set()
         for s in report.seeds:
             job.seeds[(s.layer, s.seed)] = Seed(
                 layer=s.layer,
@@ -251,7 +247,7 @@ def parameters_added(job: Job, kernels: Kernels) -> int | None:
     one of them is not known (a missing number must not read as a small one)."""
     total = 0
     for seed in job.seeds.values():
-        if seed.state not in PARAM_STATES:
+        if seed.state not in RUNNING_SEED_STATES:
             continue
         known = kernels.get(seed.kernel_id) if seed.kernel_id else None
         if known is None:

@@ -8,11 +8,10 @@ writes run in a thread, so a slow disk never stalls the consumers or a scrape.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 
+from esper.service import Periodic
 from nissa.reports import JobReport, ReportStore
 from nissa.state import NissaState
 
@@ -24,7 +23,15 @@ class Keeper:
     def __init__(self, state: NissaState, store: ReportStore) -> None:
         self.state = state
         self.store = store
-        self._tasks: list[asyncio.Task[None]] = []
+        settings = state.settings
+        # Both wait one interval first: at start there is nothing to tidy or to save.
+        self._loops = [
+            Periodic(name, seconds, step, wait_first=True, logger=log)
+            for name, seconds, step in (
+                ("housekeeping", settings.housekeeping_interval_s, self.tidy),
+                ("report snapshots", settings.snapshot_interval_s, self.save),
+            )
+        ]
         self.written = 0
         self._pruned_at = 0.0
 
@@ -37,28 +44,13 @@ class Keeper:
         return restored
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._every(self.state.settings.housekeeping_interval_s, self.tidy)),
-            loop.create_task(self._every(self.state.settings.snapshot_interval_s, self.save)),
-        ]
+        for loop in self._loops:
+            loop.start()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for loop in self._loops:
+            await loop.stop()
         await self.save()
-
-    async def _every(self, seconds: float, action: Callable[[], Awaitable[None]]) -> None:
-        while True:
-            await asyncio.sleep(seconds)
-            try:
-                await action()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("housekeeping step failed")
 
     async def tidy(self) -> None:
         self.state.housekeeping()

@@ -17,7 +17,6 @@ from nissa import __version__
 from nissa.api.routes import health, reports
 from nissa.buswatch import BusWatch
 from nissa.consumer import consumers
-from nissa.deps import get_settings
 from nissa.keeper import Keeper
 from nissa.kernels import KernelLookup
 from nissa.metrics import Exposition
@@ -43,7 +42,7 @@ async def consumers_check(app: FastAPI) -> Check:
 
 
 def create_app(settings: NissaSettings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    settings = settings or NissaSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,9 +58,9 @@ def create_app(settings: NissaSettings | None = None) -> FastAPI:
         watch = BusWatch(state, settings.bus, settings.bus_poll_interval_s, settings.lag_count_cap)
         await watch.start()  # the dead-letter baseline is taken before anything is consumed
         lookup = None
-        if settings.urza_url:
-            token = settings.urza_token.get_secret_value() if settings.urza_token else None
-            lookup = KernelLookup(state, settings.urza_url, token)
+        urza = settings.urza_client()
+        if urza is not None:
+            lookup = KernelLookup(state, urza)
             lookup.start()
         keeper.start()
         app.state.consumers = consumers(state, settings.bus, settings.group)
@@ -91,7 +90,6 @@ def create_app(settings: NissaSettings | None = None) -> FastAPI:
     # The state exists before the lifespan runs, so /metrics never misses Nissa's families.
     app.state.nissa = NissaState(settings)
     _serve_metrics(app, Exposition(app.state.nissa))
-    app.dependency_overrides[get_settings] = lambda: settings
     return app
 
 

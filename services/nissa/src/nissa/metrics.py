@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from esper.contracts import JOB_STATUSES, SEED_STATE_NAMES, TERMINAL_JOB_STATUSES
 from nissa.histogram import WeightedHistogram
-from nissa.jobs import SEED_STATES, Job, parameters_added
+from nissa.jobs import Job, parameters_added
 from nissa.state import NissaState
 
-JOB_STATUSES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED", "UNKNOWN")
-ENDINGS = ("SUCCEEDED", "FAILED", "STOPPED")
-COUNTED_SEED_STATES = SEED_STATES[1:]  # a job's DORMANT slots are not all known: not counted
+REPORT_STATUSES = (*JOB_STATUSES, "UNKNOWN")
+ENDINGS = tuple(s for s in JOB_STATUSES if s in TERMINAL_JOB_STATUSES)  # ordered: exposition
+COUNTED_SEED_STATES = SEED_STATE_NAMES[1:]  # a job's DORMANT slots are not all known: not counted
 
 #: Per-job families, in exposition order: name → (type, help).
 JOB_FAMILIES: dict[str, tuple[str, str]] = {
@@ -57,8 +58,9 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "esper_decisions": ("Control decisions published, by action", ("action",)),
     "esper_decision_outcomes": (
-        "Control decisions answered by their job, by action and outcome (applied, refused)",
-        ("action", "outcome"),
+        "Control decisions answered by their job, by action, outcome (applied, refused) and the "
+        "refusal's code (empty when applied)",
+        ("action", "outcome", "code"),
     ),
     "esper_seed_transitions": (
         "Seed lifecycle transitions, by from and to state",
@@ -212,7 +214,7 @@ class Exposition:
 
     def _jobs(self) -> Iterable[str]:
         current = self._current()
-        by_status = dict.fromkeys(JOB_STATUSES, 0)
+        by_status = dict.fromkeys(REPORT_STATUSES, 0)
         for job, _ in current:
             by_status[job.status] += 1
         yield _header(

@@ -15,7 +15,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from html import escape
+from typing import get_args
 
+from esper.contracts import Action
 from nissa.reports import DecisionReport, JobReport, SeedReport
 
 WIDTH = 1000
@@ -317,7 +319,7 @@ class Page:
         legend = [(s, c) for s, c in STATE_COLORS.items() if s != "DORMANT"]
         parts.append(self._legend(legend, 18))
         x = float(PLOT_LEFT)
-        for action in ("germinate", "keep", "retire", "set_alpha"):
+        for action in get_args(Action):
             label = f"{action} decision"
             parts.append(
                 _marker_shape(action, x + 7, bottom + 44, label)

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from esper.contracts._types import Identifier
+from esper.contracts import Identifier, JobStatus, Outcome
+from esper.files import atomic_write
 
 log = logging.getLogger("nissa.reports")
 
-ReportStatus = Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED", "UNKNOWN"]
+ReportStatus = Literal[JobStatus, "UNKNOWN"]
 """A job's status; UNKNOWN until a `event.job_status` (or `job.queued`) about it was seen."""
-Outcome = Literal["applied", "refused"]
 
 
 class _Model(BaseModel):
@@ -148,10 +147,7 @@ class ReportStore:
         return self.root / f"{job_id}.json"
 
     def write(self, report: JobReport) -> None:
-        target = self.path(report.job_id)
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(report.model_dump_json())
-        os.replace(tmp, target)
+        atomic_write(self.path(report.job_id), report.model_dump_json().encode())
 
     def read(self, job_id: str) -> JobReport | None:
         try:

@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Self
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from esper.service import ServiceSettings
+from esper.service import ServiceSettings, UrzaLinkSettings
 
 
-class NissaSettings(ServiceSettings):
+class NissaSettings(ServiceSettings, UrzaLinkSettings):
     model_config = SettingsConfigDict(env_prefix="NISSA_", extra="ignore", frozen=True)
 
     port: int = Field(default=8003, ge=0, le=65535)
@@ -61,12 +61,8 @@ class NissaSettings(ServiceSettings):
     """On Redis < 7 (no `lag` in XINFO GROUPS) lag is counted entry by entry, up to this."""
     housekeeping_interval_s: float = Field(default=1.0, gt=0)
 
-    # ---- kernels (for "parameters added")
-    urza_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("NISSA_URZA_URL", "ESPER_URZA_URL")
-    )
-    """Where to look up a kernel's size when its `kernel.ready` event was not seen."""
-    urza_token: SecretStr | None = None
+    # ---- kernels (for "parameters added"; Urza, `NISSA_URZA_*`, is asked when a kernel's
+    # `kernel.ready` event was not seen)
     max_kernels: int = Field(default=10_000, ge=1)
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from esper.contracts import (
+    TERMINAL_JOB_STATUSES,
     ControlDecision,
     DecisionTaken,
     Heartbeat,
@@ -30,7 +31,7 @@ from esper.contracts import (
     TelemetryReport,
 )
 from nissa.histogram import WeightedHistogram
-from nissa.jobs import TERMINAL, Decision, Job, Seed, thin
+from nissa.jobs import Decision, Job, Seed, thin
 from nissa.labels import Budget
 from nissa.reports import ContributionPoint, EpochPoint, JobReport, StepPoint, TransitionRecord
 from nissa.services import ServiceHealth
@@ -348,7 +349,8 @@ class NissaState:
         record.outcome_reason = taken.reason[:300]
         if taken.seed is not None:
             record.seed = taken.seed
-        self.count("esper_decision_outcomes", (taken.action, taken.outcome))
+        # The code is a closed set (esper.contracts.REFUSAL_CODES): a bounded label as it is.
+        self.count("esper_decision_outcomes", (taken.action, taken.outcome, taken.code or ""))
         self._latency(record)
 
     def _decision(self, job: Job, decision_id: str, action: str, layer: str) -> Decision:
@@ -369,7 +371,7 @@ class NissaState:
     def on_job_status(self, event: JobStatusChanged, sent: float) -> None:
         ts = self.at(sent)
         job = self.job(event.job_id, ts)
-        if event.status in TERMINAL and event.status not in job.counted_endings:
+        if event.status in TERMINAL_JOB_STATUSES and event.status not in job.counted_endings:
             job.counted_endings.add(event.status)
             self.count("esper_jobs_finished", (event.status,))
         if ts < job.status_ts:
@@ -378,7 +380,7 @@ class NissaState:
         job.status_ts = ts
         job.attempt = event.attempt
         job.error = event.error
-        if event.status in TERMINAL:
+        if event.status in TERMINAL_JOB_STATUSES:
             job.finished_at = ts
             self.finished[job.job_id] = ts
             self.finished.move_to_end(job.job_id)

@@ -16,10 +16,10 @@ import logging
 import time
 from typing import Any
 
-import httpx
-
 from esper.blueprints import BUILTIN_BLUEPRINTS
+from esper.client import UrzaClient
 from esper.contracts.jobs import HostKind
+from esper.exceptions import ServiceError
 from tamiyo.choice import BlueprintInfo
 
 log = logging.getLogger("tamiyo.catalogue")
@@ -35,25 +35,12 @@ def builtin_catalogue() -> list[BlueprintInfo]:
 
 
 class Catalogue:
-    def __init__(
-        self,
-        urza_url: str | None,
-        *,
-        token: str | None = None,
-        ttl_s: float = 30.0,
-        timeout_s: float = 2.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.urza_url = urza_url.rstrip("/") if urza_url else None
+    """`urza` None: the built-in blueprints only. The catalogue closes the client it is given."""
+
+    def __init__(self, urza: UrzaClient | None, *, ttl_s: float = 30.0) -> None:
+        self.urza_url = urza.base_url if urza is not None else None
         self.ttl_s = ttl_s
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = (
-            httpx.AsyncClient(
-                base_url=self.urza_url, headers=headers, timeout=timeout_s, transport=transport
-            )
-            if self.urza_url
-            else None
-        )
+        self._client = urza
         self._entries: list[BlueprintInfo] | None = None
         self._fetched_at = 0.0
         self._refresh: asyncio.Task[None] | None = None
@@ -98,12 +85,10 @@ class Catalogue:
     async def _fetch(self) -> None:
         assert self._client is not None
         try:
-            response = await self._client.get("/blueprints")
-            response.raise_for_status()
-            self._entries = [_info(item) for item in response.json()["items"]]
+            self._entries = [_info(item) for item in await self._client.blueprints()]
             self._fetched_at = time.monotonic()
             self._warned = False
-        except (httpx.HTTPError, KeyError, TypeError, ValueError) as err:
+        except (ServiceError, KeyError, TypeError, ValueError) as err:
             log.warning("blueprints not fetched from Urza: %s: %s", type(err).__name__, err)
 
     async def kernel_kind(self, kernel_id: str) -> HostKind | None:
@@ -113,12 +98,8 @@ class Catalogue:
         if self._client is None or self._unknown.get(kernel_id, 0.0) > time.monotonic():
             return None
         try:
-            response = await self._client.get(f"/kernels/{kernel_id}")
-            response.raise_for_status()
-            kind = _as_kind(response.json()["host"]["kind"])
-            if kind is None:
-                raise ValueError("not a host kind Tamiyo knows")
-        except (httpx.HTTPError, KeyError, TypeError, ValueError) as err:
+            kind: HostKind = (await self._client.kernel(kernel_id)).host.kind
+        except ServiceError as err:
             log.info("kind of kernel %s not known: %s: %s", kernel_id, type(err).__name__, err)
             self._remember(self._unknown, kernel_id, time.monotonic() + RETRY_UNKNOWN_S)
             return None
@@ -138,12 +119,6 @@ class Catalogue:
                 await self._refresh
         if self._client is not None:
             await self._client.aclose()
-
-
-def _as_kind(value: object) -> HostKind | None:
-    if value == "linear":
-        return "linear"
-    return "conv2d" if value == "conv2d" else None
 
 
 def _info(item: Any) -> BlueprintInfo:

@@ -10,8 +10,8 @@ again when it executes (its state may have moved on); these checks catch what is
 from __future__ import annotations
 
 from esper.contracts import ControlDecision
-from esper.service import ApiError
 from tamiyo.choice import BlueprintInfo
+from tamiyo.errors import DecisionConflictError, InvalidDecisionError
 from tamiyo.models import JobState
 from tamiyo.tracking import under_evaluation
 
@@ -20,14 +20,13 @@ def check_manual(
     state: JobState, decision: ControlDecision, blueprint: BlueprintInfo | None
 ) -> None:
     if state.finished:
-        raise ApiError(
-            409, "job_finished", f"job {state.job_id} is {state.status}", ["path", "job_id"]
+        raise DecisionConflictError(
+            "job_finished", f"job {state.job_id} is {state.status}", ["path", "job_id"]
         )
     layer = state.layers.get(decision.layer)
     if layer is None:
         known = ", ".join(sorted(state.layers)) or "none yet"
-        raise ApiError(
-            422,
+        raise InvalidDecisionError(
             "unknown_layer",
             f"job {state.job_id} reported no layer {decision.layer!r} (its layers: {known})",
             ["body", "layer"],
@@ -39,8 +38,7 @@ def check_manual(
     track = state.track(decision.layer, decision.seed)
     if track is None or track.state != "ACTIVE":
         now = "DORMANT" if track is None else track.state
-        raise ApiError(
-            422,
+        raise InvalidDecisionError(
             "seed_not_active",
             f"cannot {decision.action} seed {decision.seed} of layer {decision.layer!r}: it is "
             f"{now} in the job's latest telemetry, not ACTIVE",
@@ -52,8 +50,7 @@ def _check_germinate(
     state: JobState, decision: ControlDecision, blueprint: BlueprintInfo | None, kind: str | None
 ) -> None:
     if blueprint is not None and kind is not None and not blueprint.fits(kind):
-        raise ApiError(
-            422,
+        raise InvalidDecisionError(
             "blueprint_does_not_fit",
             f"blueprint {blueprint.name} serves {'/'.join(blueprint.hosts)} layers; layer "
             f"{decision.layer!r} is {kind}",
@@ -67,15 +64,13 @@ def _check_germinate(
             if in_flight or judging is None
             else f"seed {judging.seed} of layer {judging.layer!r} (under evaluation)"
         )
-        raise ApiError(
-            409,
+        raise DecisionConflictError(
             "germination_in_flight",
             f"one germination in flight per job: {what} is not settled yet",
             ["path", "job_id"],
         )
     if decision.seed is not None and state.track(decision.layer, decision.seed) is not None:
-        raise ApiError(
-            422,
+        raise InvalidDecisionError(
             "slot_taken",
             f"seed {decision.seed} of layer {decision.layer!r} is not DORMANT",
             ["body", "seed"],

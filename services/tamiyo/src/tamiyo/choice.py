@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from esper.contracts._types import Blend
+from esper.contracts import Blend
 from esper.contracts.jobs import HOST_KINDS
 from tamiyo.config import PREFERENCE, PolicyConfig
 from tamiyo.models import JobState

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from esper.contracts._types import Blend, BlueprintName
+from esper.contracts import Blend, BlueprintName
 from esper.contracts.control import Strategy
 
 LayerSignal = Literal["gradient", "activation_variance"]

@@ -33,12 +33,17 @@ from esper.contracts import (
     clip,
 )
 from esper.contracts.jobs import HostKind
-from esper.service import ApiError
 from tamiyo import tracking
 from tamiyo.catalogue import Catalogue
 from tamiyo.checks import check_manual
 from tamiyo.choice import BlueprintInfo
 from tamiyo.config import PolicyConfig
+from tamiyo.errors import (
+    DecisionConflictError,
+    InvalidDecisionError,
+    UnknownJobError,
+    UrzaUnavailableError,
+)
 from tamiyo.models import DecisionRecord, JobState, ManualDecision, Origin
 from tamiyo.policy import Context, Policy, Proposal
 from tamiyo.settings import TamiyoSettings
@@ -242,8 +247,7 @@ class Controller:
 
         def mutate(stored: JobState | None, config: PolicyConfig) -> Change | None:
             if stored is None:
-                raise ApiError(
-                    404,
+                raise UnknownJobError(
                     "unknown_job",
                     f"Tamiyo has no state for job {job_id!r}: it has seen no telemetry nor "
                     "start event of it",
@@ -270,12 +274,11 @@ class Controller:
         try:
             found = await self.catalogue.find(decision.blueprint)
         except LookupError as err:
-            raise ApiError(
-                503, "urza_unavailable", f"cannot check the blueprint: {err}", ["body", "blueprint"]
+            raise UrzaUnavailableError(
+                "urza_unavailable", f"cannot check the blueprint: {err}", ["body", "blueprint"]
             ) from None
         if found is None:
-            raise ApiError(
-                422,
+            raise InvalidDecisionError(
                 "unknown_blueprint",
                 f"Urza has no blueprint {decision.blueprint!r}",
                 ["body", "blueprint"],
@@ -309,8 +312,7 @@ def _manual_decision(job_id: str, body: ManualDecision) -> ControlDecision:
     except ValidationError as err:
         first = err.errors()[0]
         message = str(first["msg"]).removeprefix("Value error, ")
-        raise ApiError(
-            422,
+        raise InvalidDecisionError(
             "invalid_decision",
             f"not a valid decision: {message}",
             ["body", *[str(p) for p in first["loc"]]],
@@ -321,8 +323,7 @@ def _same_or_conflict(existing: DecisionRecord, decision: ControlDecision) -> De
     if existing.decision.job_id != decision.job_id or existing.decision.model_dump(
         exclude={"decision_id"}
     ) != decision.model_dump(exclude={"decision_id"}):
-        raise ApiError(
-            409,
+        raise DecisionConflictError(
             "conflict",
             f"decision {decision.decision_id} exists with other content",
             ["body", "decision_id"],

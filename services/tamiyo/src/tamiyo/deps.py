@@ -1,21 +1,18 @@
-"""Dependencies routes declare with `Annotated`; tests override `get_settings`."""
+"""Dependencies routes declare with `Annotated`; the settings are those the app was built with."""
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from esper.service import settings_dependency
 from tamiyo.catalogue import Catalogue
 from tamiyo.controller import Controller
 from tamiyo.settings import TamiyoSettings
 from tamiyo.store import TamiyoStore
 
-
-@lru_cache
-def get_settings() -> TamiyoSettings:
-    return TamiyoSettings()
+get_settings = settings_dependency(TamiyoSettings)
 
 
 def get_store(request: Request) -> TamiyoStore:

@@ -13,11 +13,11 @@ from esper.bus import connect
 from esper.contracts.api import Check
 from esper.service import create_app as create_service_app
 from tamiyo import __version__
+from tamiyo.api.errors import ERRORS
 from tamiyo.api.routes import decisions, jobs
 from tamiyo.api.routes import policy as policy_routes
 from tamiyo.catalogue import Catalogue
 from tamiyo.controller import Controller
-from tamiyo.deps import get_settings
 from tamiyo.policy import HeuristicPolicy, Policy
 from tamiyo.settings import TamiyoSettings
 from tamiyo.store import TamiyoStore
@@ -28,7 +28,7 @@ SERVICE = "tamiyo"
 
 def create_app(settings: TamiyoSettings | None = None, policy: Policy | None = None) -> FastAPI:
     """`policy`: the decision maker (the heuristic one unless a learned one is passed)."""
-    settings = settings or get_settings()
+    settings = settings or TamiyoSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,13 +41,7 @@ def create_app(settings: TamiyoSettings | None = None, policy: Policy | None = N
             max_decisions=settings.max_decisions,
             max_job_decisions=settings.max_job_decisions,
         )
-        token = settings.urza_token.get_secret_value() if settings.urza_token else None
-        catalogue = Catalogue(
-            settings.urza_url,
-            token=token,
-            ttl_s=settings.catalogue_ttl_s,
-            timeout_s=settings.urza_timeout_s,
-        )
+        catalogue = Catalogue(settings.urza_client(), ttl_s=settings.catalogue_ttl_s)
         controller = Controller(
             settings, store, catalogue, policy or HeuristicPolicy(), registry=app.state.registry
         )
@@ -79,7 +73,7 @@ def create_app(settings: TamiyoSettings | None = None, policy: Policy | None = N
         routers=[decisions.router, jobs.router, policy_routes.router],
         lifespan=lifespan,
         readiness={"consumer": consumer_alive},
+        errors=ERRORS,
         description="The adaptation controller: decides germinate / keep / retire per job.",
     )
-    app.dependency_overrides[get_settings] = lambda: settings
     return app

@@ -13,14 +13,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from esper.contracts import ControlDecision
-from esper.contracts._types import (
+from esper.contracts import (
+    TERMINAL_JOB_STATUSES,
+    Action,
     Blend,
     BlueprintName,
+    ControlDecision,
     Identifier,
     JobStatus,
     Key,
     LayerName,
+    Outcome,
     Reason,
     Scalar,
     SeedIndex,
@@ -173,7 +176,7 @@ class JobState(_State):
 
     @property
     def finished(self) -> bool:
-        return self.status in ("SUCCEEDED", "FAILED", "STOPPED")
+        return self.status in TERMINAL_JOB_STATUSES
 
 
 # ------------------------------------------------------------------ API bodies
@@ -190,7 +193,7 @@ class DecisionRecord(BaseModel):
     )
     epoch: int | None = Field(default=None, description="the job's last reported epoch")
     created_at: float = Field(default_factory=time.time)
-    outcome: Literal["published", "applied", "refused"] = "published"
+    outcome: Literal["published", Outcome] = "published"
     outcome_reason: str | None = None
     slot: int | None = Field(default=None, description="the seed slot the job used")
 
@@ -202,7 +205,7 @@ class ManualDecision(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     decision_id: Identifier | None = None
-    action: Literal["germinate", "keep", "retire", "set_alpha"]
+    action: Action
     layer: LayerName
     seed: SeedIndex | None = None
     blueprint: BlueprintName | None = None

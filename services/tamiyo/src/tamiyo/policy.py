@@ -25,8 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from esper.contracts import Message, TelemetryReport
-from esper.contracts._types import Action, Blend, Scalar
+from esper.contracts import Action, Blend, Message, Scalar, TelemetryReport
 from esper.contracts.control import Strategy
 from tamiyo.choice import BlueprintInfo, choose_blueprint, rank_layers
 from tamiyo.config import PolicyConfig

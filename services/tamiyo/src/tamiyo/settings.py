@@ -7,21 +7,20 @@ replica.
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from esper.service import ServiceSettings
+from esper.service import ServiceSettings, UrzaLinkSettings
 from tamiyo.config import PolicyConfig, policy_from_env
 
 
-class TamiyoSettings(ServiceSettings):
+class TamiyoSettings(ServiceSettings, UrzaLinkSettings):
     model_config = SettingsConfigDict(env_prefix="TAMIYO_", extra="ignore", frozen=True)
 
     port: int = Field(default=8002, ge=0, le=65535)
-    urza_url: str | None = "http://127.0.0.1:8004"
-    """Where the blueprints are listed; empty: choose from the built-in blueprints only."""
-    urza_token: SecretStr | None = None
     urza_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    """Shorter than the link's default: a decision waits for Urza when nothing is cached yet.
+    Without Urza (`TAMIYO_URZA_URL` empty) Tamiyo chooses from the built-in blueprints only."""
     catalogue_ttl_s: float = Field(default=30.0, gt=0, le=86_400)
     """How long Urza's blueprint list is used before it is fetched again (in the background)."""
     max_report_age_s: float = Field(default=600.0, gt=0)
@@ -34,8 +33,3 @@ class TamiyoSettings(ServiceSettings):
     max_job_decisions: int = Field(default=1_000, ge=10)
     policy: PolicyConfig = Field(default_factory=policy_from_env)
     """This replica's default policy, until one is PUT."""
-
-    @field_validator("urza_url")
-    @classmethod
-    def _empty_is_none(cls, value: str | None) -> str | None:
-        return value or None

@@ -284,28 +284,30 @@ def _answer(state: JobState, event: DecisionTaken, config: PolicyConfig) -> bool
         track.ramp_done_epoch = _ramp_end(track)
         state.note = f"germination {event.decision_id} applied: {event.reason}"
         return True
-    _refused(state, pending, event.reason, config)
+    _refused(state, pending, event, config)
     return True
 
 
-def _refused(state: JobState, pending: Pending, reason: str, config: PolicyConfig) -> None:
-    """A refusal for want of room is not the blueprint's fault; anything else is charged to it.
-    The job says why only in words (DecisionTaken has no refusal code), hence the matching."""
-    text = reason.lower()
+def _refused(state: JobState, pending: Pending, event: DecisionTaken, config: PolicyConfig) -> None:
+    """A refusal for want of room, or because the job grows no seeds, is not the blueprint's
+    fault; anything else is charged to it. Decided by the refusal's code alone: its reason is
+    for people, and rewording it must not change what Tamiyo does."""
     layer = state.layers.get(pending.layer)
-    if "no free seed slot" in text:
-        if layer is not None:
-            layer.full = True
-    elif "max_seeds reached" in text:
-        state.seed_cap = state.live_seeds()
-    elif "morphogenesis is disabled" in text or "morphogenesis is off" in text:
-        state.morphogenesis_off = True
-    elif pending.blueprint is not None:
-        _record(state, pending.blueprint).failures += 1
+    match event.code:
+        case "no_free_slot":
+            if layer is not None:
+                layer.full = True
+        case "max_seeds":
+            state.seed_cap = state.live_seeds()
+        case "morphogenesis_off":
+            state.morphogenesis_off = True
+        case _:
+            if pending.blueprint is not None:
+                _record(state, pending.blueprint).failures += 1
     state.cooldown_until = (state.last_epoch if state.last_epoch is not None else -1) + (
         config.cooldown_epochs
     )
-    state.note = f"germination {pending.decision_id} refused: {reason}"
+    state.note = f"germination {pending.decision_id} refused ({event.code}): {event.reason}"
 
 
 def under_evaluation(state: JobState) -> SeedTrack | None:

@@ -7,12 +7,12 @@ and `load_state_dict` it, and its seeds come back (kernels re-resolved by id thr
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from esper.files import atomic_write
 
 log = logging.getLogger("tolaria.checkpoint")
 FORMAT = 1
@@ -23,18 +23,8 @@ def path_for(work_dir: Path, job_id: str) -> Path:
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
-    """Write to a temp file, fsync, rename: a crash leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"format": FORMAT, **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically: a crash leaves the previous checkpoint intact."""
+    atomic_write(path, lambda handle: torch.save({"format": FORMAT, **state}, handle))
 
 
 def load(path: Path) -> dict[str, Any] | None:

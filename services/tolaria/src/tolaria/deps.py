@@ -1,19 +1,16 @@
-"""Dependencies routes declare with `Annotated`; tests override `get_settings`."""
+"""Dependencies routes declare with `Annotated`; the settings are those the app was built with."""
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from esper.service import settings_dependency
 from tolaria.jobstore import JobStore
 from tolaria.settings import TolariaSettings
 
-
-@lru_cache
-def get_settings() -> TolariaSettings:
-    return TolariaSettings()
+get_settings = settings_dependency(TolariaSettings)
 
 
 def get_store(request: Request) -> JobStore:

@@ -21,10 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from esper.bus.producer import FIELD
-from esper.contracts import Envelope, JobSpec, JobView
-from esper.contracts._types import JobStatus
-
-TERMINAL: frozenset[JobStatus] = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+from esper.contracts import TERMINAL_JOB_STATUSES, Envelope, JobSpec, JobStatus, JobView
 
 
 class UnknownJobError(LookupError):
@@ -146,7 +143,7 @@ class JobStore:
 
     async def delete(self, job_id: str) -> None:
         view = await self.get(job_id)
-        if view.status not in TERMINAL:
+        if view.status not in TERMINAL_JOB_STATUSES:
             raise JobStateError(f"job {job_id} is {view.status}; stop it before deleting it")
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(
@@ -165,7 +162,7 @@ class JobStore:
         """PENDING → STOPPED at once; RUNNING: flag it, and its process stops within a step."""
 
         def stop(view: JobView) -> JobView | None:
-            if view.status in TERMINAL:
+            if view.status in TERMINAL_JOB_STATUSES:
                 return None
             if view.status == "PENDING":
                 return view.model_copy(

@@ -6,14 +6,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 
+from esper.bus import connect
 from esper.contracts.api import Check
 from esper.service import create_app as create_service_app
 from tolaria import __version__
+from tolaria.api.errors import ERRORS
 from tolaria.api.routes import jobs
-from tolaria.deps import get_settings
 from tolaria.jobstore import JobStore
 from tolaria.settings import TolariaSettings
 from tolaria.worker import Worker
@@ -23,11 +23,11 @@ SERVICE = "tolaria"
 
 
 def create_app(settings: TolariaSettings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    settings = settings or TolariaSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = aioredis.Redis.from_url(settings.bus.redis_url)
+        redis = connect(settings.bus)
         store = JobStore(
             redis,
             settings.bus.prefix,
@@ -58,7 +58,7 @@ def create_app(settings: TolariaSettings | None = None) -> FastAPI:
         routers=[jobs.router],
         lifespan=lifespan,
         readiness={"workers": workers_alive},
+        errors=ERRORS,
         description="Training jobs: submit, follow, stop, download checkpoints.",
     )
-    app.dependency_overrides[get_settings] = lambda: settings
     return app

@@ -7,11 +7,11 @@ import copy
 import logging
 from typing import TYPE_CHECKING
 
+from esper.contracts import HostSignature
 from esper.contracts.jobs import SeedView
 from esper.contracts.kernels_api import KernelLineage, KernelUpload
 from esper.kernels.artifact import digest_of
 from esper.kernels.executor import serialize
-from esper.signature import HostSignature
 
 if TYPE_CHECKING:
     from tolaria.training import JobTrainer
@@ -41,7 +41,7 @@ def _publish_seed(trainer: JobTrainer, view: SeedView) -> str:
     assert trainer.morphable is not None and trainer.urza is not None
     layer = trainer.morphable.layer(view.layer)
     host = HostSignature.of(layer.base_layer)
-    parent = trainer.runtime.call(trainer.urza.get(view.kernel_id or ""))
+    parent = trainer.runtime.call(trainer.urza.kernel(view.kernel_id or ""))
     module = layer.seeds[str(view.seed)]
     data = serialize(copy.deepcopy(module).cpu().float(), host, parent.format)
     metrics = {"val_accuracy": trainer.metrics.val_accuracy or 0.0}

@@ -14,10 +14,9 @@ import traceback
 
 import torch
 
-from esper.contracts import JobStatusChanged, JobView
-from esper.contracts._types import JobStatus
+from esper.contracts import TERMINAL_JOB_STATUSES, JobStatus, JobStatusChanged, JobView
 from esper.service.logs import configure_logging
-from tolaria.jobstore import TERMINAL, JobStateError
+from tolaria.jobstore import JobStateError
 from tolaria.runtime import JobRuntime
 from tolaria.settings import TolariaSettings
 from tolaria.training import JobTrainer, StopRequested
@@ -46,7 +45,7 @@ def start_attempt(runtime: JobRuntime) -> JobView | None:
     None when the job has ended (stopped while queued, deleted)."""
 
     def begin(view: JobView) -> JobView:
-        if view.status in TERMINAL:
+        if view.status in TERMINAL_JOB_STATUSES:
             raise JobStateError(view.status)
         return view.model_copy(
             update={

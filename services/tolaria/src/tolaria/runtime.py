@@ -20,9 +20,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-
-from esper.bus import BusSettings, Consumer, Delivery, Producer
+from esper.bus import BusSettings, Consumer, Delivery, Producer, connect
 from esper.contracts import (
     ControlDecision,
     DecisionTaken,
@@ -31,6 +29,7 @@ from esper.contracts import (
     Message,
     TelemetryReport,
 )
+from esper.service.loops import Step, run_every
 from tolaria.jobstore import JobStore
 from tolaria.settings import TolariaSettings
 
@@ -40,6 +39,7 @@ SOURCE = "tolaria"
 JOB_SERVICE = "tolaria-job"
 HEARTBEAT_S = 5.0
 TELEMETRY_FLUSH_S = 0.05
+LOG_SHIP_S = 0.5
 
 
 def control_group(job_id: str) -> str:
@@ -86,7 +86,7 @@ class JobRuntime:
         return self
 
     async def _setup(self) -> None:
-        self.redis = aioredis.Redis.from_url(self.bus.redis_url)
+        self.redis = connect(self.bus)
         self.store = JobStore(
             self.redis,
             self.bus.prefix,
@@ -97,11 +97,19 @@ class JobRuntime:
         self._order = asyncio.Lock()
         self.consumer = Consumer(control_group(self.job_id), ["control"], settings=self.bus)
         self.consumer.register(ControlDecision, self._on_decision)
+
+        def every(seconds: float, fn: Step, name: str, wait_first: bool) -> asyncio.Future[None]:
+            return asyncio.ensure_future(
+                run_every(seconds, fn, name=name, wait_first=wait_first, logger=log)
+            )
+
+        # Logs, beats and telemetry wait one interval first: at start there is nothing to send,
+        # and the first beat carries the cache counters the trainer attaches meanwhile.
         self._tasks = [
-            asyncio.ensure_future(self._poll_stop()),
-            asyncio.ensure_future(self._ship_logs_forever()),
-            asyncio.ensure_future(self._beat_forever()),
-            asyncio.ensure_future(self._publish_telemetry_forever()),
+            every(self.settings.stop_poll_s, self._poll_stop, "stop poll", False),
+            every(LOG_SHIP_S, self._ship_logs, "log shipping", True),
+            every(HEARTBEAT_S, self._beat, "job heartbeat", True),
+            every(TELEMETRY_FLUSH_S, self._publish_telemetry, "telemetry", True),
         ]
         self.consumer.start()
 
@@ -170,14 +178,6 @@ class JobRuntime:
             if report.kind == "epoch":
                 await self.store.append_event(self.job_id, envelope)
 
-    async def _publish_telemetry_forever(self) -> None:
-        while True:
-            await asyncio.sleep(TELEMETRY_FLUSH_S)
-            try:
-                await self._publish_telemetry()
-            except Exception as err:
-                log.warning("telemetry not published: %s", err)
-
     def log_line(self, line: str) -> None:
         with self._log_lock:
             self._log_lines.append(line)
@@ -188,15 +188,10 @@ class JobRuntime:
         if lines:
             await self.store.append_logs(self.job_id, lines)
 
-    async def _ship_logs_forever(self) -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            try:
-                await self._ship_logs()
-            except Exception as err:
-                log.warning("job logs not shipped: %s", err)
-
     async def _beat(self) -> None:
+        """A job process says it is alive, and how its kernel cache does (cumulative counters
+        per tier: `cache.<tier>.hits`), so Nissa can count cache hits across every job. The
+        last beat goes out when the process closes, so a short job's counts are not lost."""
         details = {"job_id": self.job_id, **self.heartbeat_details()}
         beat = Heartbeat(
             service=JOB_SERVICE,
@@ -208,18 +203,6 @@ class JobRuntime:
         )
         await self.producer.publish(Envelope.wrap(beat, source=SOURCE, job_id=self.job_id))
 
-    async def _beat_forever(self) -> None:
-        """A job process says it is alive, and how its kernel cache does (cumulative counters
-        per tier: `cache.<tier>.hits`), so Nissa can count cache hits across every job. The
-        first beat waits one interval (the trainer attaches its counters meanwhile); the last
-        goes out when the process closes, so a short job's counts are not lost."""
-        while True:
-            await asyncio.sleep(HEARTBEAT_S)
-            try:
-                await self._beat()
-            except Exception as err:
-                log.warning("job heartbeat not published: %s", err)
-
     async def drop_control_group(self) -> None:
         """A finished job reads no more decisions: its control group would only grow."""
         try:
@@ -229,18 +212,16 @@ class JobRuntime:
 
     # -------------------------------------------------------- stop, decisions
     async def _poll_stop(self) -> None:
-        while True:
-            try:
-                if await self.store.stop_requested(self.job_id):
-                    self._request_stop("stop")
-            except Exception as err:  # Redis away: keep training, look again next time
-                log.warning("stop flag not read: %s", err)
-            # The worker that started this process is gone (kill -9): stop at once, so that the
-            # worker taking the job over does not train it twice at the same time.
-            if os.getppid() != self._parent:
-                self.orphaned.set()
-                self._request_stop("orphaned")
-            await asyncio.sleep(self.settings.stop_poll_s)
+        try:
+            if await self.store.stop_requested(self.job_id):
+                self._request_stop("stop")
+        except Exception as err:  # Redis away: keep training, look again next time
+            log.warning("stop flag not read: %s", err)
+        # The worker that started this process is gone (kill -9): stop at once, so that the
+        # worker taking the job over does not train it twice at the same time.
+        if os.getppid() != self._parent:
+            self.orphaned.set()
+            self._request_stop("orphaned")
 
     def _request_stop(self, why: str) -> None:
         if not self.stop_event.is_set():  # one wakeup, however often the flag is seen again

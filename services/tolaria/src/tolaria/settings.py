@@ -7,10 +7,10 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from esper.service import ServiceSettings
+from esper.service import ServiceSettings, UrzaLinkSettings
 
 
-class TolariaSettings(ServiceSettings):
+class TolariaSettings(ServiceSettings, UrzaLinkSettings):
     model_config = SettingsConfigDict(env_prefix="TOLARIA_", extra="ignore", frozen=True)
 
     port: int = Field(default=8001, ge=0, le=65535)
@@ -23,8 +23,6 @@ class TolariaSettings(ServiceSettings):
     job_claim_idle_ms: int = Field(default=15_000, ge=500)
     """A queued job whose worker stopped renewing its claim this long ago is taken over by
     another worker, which resumes it from its last checkpoint."""
-    urza_url: str | None = "http://127.0.0.1:8004"
-    urza_token: SecretStr | None = None
     kernel_signing_key: SecretStr | None = None
     """Urza's signing key: artifacts whose HMAC does not match are refused."""
     stop_poll_s: float = Field(default=0.2, gt=0, le=10)

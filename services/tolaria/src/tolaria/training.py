@@ -21,7 +21,14 @@ from torch import nn
 
 import esper
 from esper.client import UrzaClient
-from esper.contracts import DecisionTaken, JobMetrics, JobProgress, JobSpec, TelemetryReport
+from esper.contracts import (
+    DecisionTaken,
+    JobMetrics,
+    JobProgress,
+    JobSpec,
+    RefusalCode,
+    TelemetryReport,
+)
 from esper.contracts.jobs import SeedView, TrainingSpec
 from esper.kernels import tiered_cache
 from esper.morphable import MorphableModel
@@ -107,7 +114,8 @@ class JobTrainer:
         self.cache = tiered_cache(
             redis_url=runtime.bus.redis_url,
             urza_url=settings.urza_url,
-            urza_token=settings.urza_token.get_secret_value() if settings.urza_token else None,
+            urza_token=settings.urza_token_value,
+            urza_timeout_s=settings.urza_timeout_s,
             signing_key=key.get_secret_value().encode() if key else None,
         )
         runtime.heartbeat_details = self.cache_counters
@@ -168,11 +176,10 @@ class JobTrainer:
         settings = self.runtime.settings
         if not settings.urza_url:
             return None
-        token = settings.urza_token.get_secret_value() if settings.urza_token else None
 
         # Created on the bus loop: the client's connections belong to the loop that uses them.
-        async def make() -> UrzaClient:
-            return UrzaClient(settings.urza_url or "", token=token)
+        async def make() -> UrzaClient | None:
+            return settings.urza_client()
 
         return self.runtime.call(make())
 
@@ -219,7 +226,7 @@ class JobTrainer:
             self.host_group["lr"] = spec.lr * lr_factor(spec, epoch)
             train_loss, samples_per_s = self.train_epoch(epoch)
             self.end_epoch(epoch, train_loss, samples_per_s)
-        self.refuse_waiting_decisions("the job has finished training")
+        self.refuse_waiting_decisions("job_finished", "the job has finished training")
         test = self.evaluate(self.data.test_x, self.data.test_y) if len(self.data.test_y) else None
         if test is not None:
             self.metrics = self.metrics.model_copy(
@@ -387,7 +394,12 @@ class JobTrainer:
         while not self.runtime.decisions.empty():
             pending = self.runtime.decisions.get()
             if self.orchestrator is None:
-                outcome = _refusal(pending.decision, "morphogenesis is off for this job")
+                outcome = DecisionTaken.refused(
+                    pending.decision,
+                    "morphogenesis_off",
+                    "morphogenesis is off for this job",
+                    seed=pending.decision.seed,
+                )
                 self.runtime.emit(outcome)
             else:
                 self.orchestrator.on_step(self.progress.step)
@@ -407,10 +419,12 @@ class JobTrainer:
                 outcome.reason,
             )
 
-    def refuse_waiting_decisions(self, reason: str) -> None:
+    def refuse_waiting_decisions(self, code: RefusalCode, reason: str) -> None:
         while not self.runtime.decisions.empty():
             pending = self.runtime.decisions.get()
-            outcome = _refusal(pending.decision, reason)
+            outcome = DecisionTaken.refused(
+                pending.decision, code, reason, seed=pending.decision.seed
+            )
             self.runtime.emit(outcome)
             pending.done.set_result(outcome)
 
@@ -418,18 +432,6 @@ class JobTrainer:
 class _NoKernelProvider:
     async def kernel_for(self, blueprint: str, host: Any, fmt: Any) -> str:
         raise RuntimeError("no Urza is configured (TOLARIA_URZA_URL): cannot compile blueprints")
-
-
-def _refusal(decision: Any, reason: str) -> DecisionTaken:
-    return DecisionTaken(
-        decision_id=decision.decision_id,
-        job_id=decision.job_id,
-        action=decision.action,
-        outcome="refused",
-        reason=reason,
-        layer=decision.layer,
-        seed=decision.seed,
-    )
 
 
 def _plain_report(

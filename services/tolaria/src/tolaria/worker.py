@@ -14,8 +14,8 @@ import sys
 import time
 
 from esper.bus import BusSettings, Consumer, Delivery
-from esper.contracts import Envelope, JobQueued, JobStatusChanged, JobView
-from tolaria.jobstore import TERMINAL, JobStore
+from esper.contracts import TERMINAL_JOB_STATUSES, Envelope, JobQueued, JobStatusChanged, JobView
+from tolaria.jobstore import JobStore
 from tolaria.runner import ORPHANED
 from tolaria.settings import TolariaSettings
 
@@ -61,7 +61,7 @@ class Worker:
         assert isinstance(message, JobQueued)
         job_id = message.job_id
         view = await self.store.get(job_id)
-        if view.status in TERMINAL:
+        if view.status in TERMINAL_JOB_STATUSES:
             return
         self.current = job_id
         log.info("starting job %s (delivery %d)", job_id, delivery.attempt)
@@ -87,7 +87,7 @@ class Worker:
         log.error("job %s: %s", job_id, reason)
 
         def fail(view: JobView) -> JobView | None:
-            if view.status in TERMINAL:
+            if view.status in TERMINAL_JOB_STATUSES:
                 return None
             return view.model_copy(
                 update={"status": "FAILED", "error": reason, "finished_at": time.time()}

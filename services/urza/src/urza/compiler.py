@@ -21,11 +21,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from esper.blueprints.compiler import compile_blueprint, compile_kernel_id
 from esper.blueprints.spec import BlueprintSpec
-from esper.contracts import CompileRequest, KernelResult, KernelUpload
+from esper.contracts import CompileRequest, HostSignature, KernelMeta, KernelResult, KernelUpload
 from esper.exceptions import BlueprintHostError, DigestMismatchError, EsperError
-from esper.kernels.artifact import KernelArtifact, KernelMeta, digest_of, kernel_id_for
+from esper.kernels.artifact import KernelArtifact, digest_of, kernel_id_for
 from esper.kernels.executor import KernelExecutor, deserialize, probe_input
-from esper.signature import HostSignature
 from urza.store import KernelStore
 
 log = logging.getLogger("urza.compiler")

@@ -1,20 +1,17 @@
-"""Dependencies routes declare with `Annotated`; tests override `get_settings`."""
+"""Dependencies routes declare with `Annotated`; the settings are those the app was built with."""
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from esper.service import settings_dependency
 from urza.compiler import CompileService
 from urza.settings import UrzaSettings
 from urza.store import KernelStore
 
-
-@lru_cache
-def get_settings() -> UrzaSettings:
-    return UrzaSettings()
+get_settings = settings_dependency(UrzaSettings)
 
 
 def get_store(request: Request) -> KernelStore:

@@ -10,13 +10,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from esper.blueprints import BUILTIN_BLUEPRINTS
-from esper.contracts import Envelope, KernelReady
-from esper.kernels.artifact import KernelMeta
+from esper.contracts import Envelope, KernelMeta, KernelReady
 from esper.service import create_app as create_service_app
 from urza import __version__
+from urza.api.errors import ERRORS
 from urza.api.routes import blueprints, kernels
 from urza.compiler import CompileService, KernelMetrics
-from urza.deps import get_settings
 from urza.settings import UrzaSettings
 from urza.store import KernelStore
 
@@ -25,7 +24,7 @@ SERVICE = "urza"
 
 
 def create_app(settings: UrzaSettings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    settings = settings or UrzaSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,7 +63,7 @@ def create_app(settings: UrzaSettings | None = None) -> FastAPI:
         routers=[blueprints.router, kernels.router],
         lifespan=lifespan,
         body_limits={"/kernels": settings.max_upload_bytes},
+        errors=ERRORS,
         description="Blueprint registry, kernel compiler and kernel registry.",
     )
-    app.dependency_overrides[get_settings] = lambda: settings
     return app

@@ -16,9 +16,7 @@ import binascii
 import contextlib
 import hashlib
 import json
-import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -28,15 +26,24 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from esper.blueprints.spec import BlueprintSpec
+from esper.contracts import KERNEL_ID_RE, KernelMeta
 from esper.exceptions import (
     ConfigError,
-    CorruptArtifactError,
     UnknownBlueprintError,
     UnknownKernelError,
 )
-from esper.kernels.artifact import KERNEL_ID_RE, KernelArtifact, KernelMeta, verify
+from esper.files import atomic_write
+from esper.kernels.artifact import KernelArtifact, verify
 from esper.registry import TAG_RE
 from urza import store_sql as sql
+from urza.errors import (
+    BlueprintConflictError,
+    CorruptBlobError,
+    InvalidCursorError,
+    InvalidTagError,
+    KernelConflictError,
+    UnknownTagError,
+)
 
 MAX_LIST_LIMIT = 1000
 DB_NAME = "urza.sqlite3"
@@ -61,7 +68,7 @@ def spec_digest(spec: BlueprintSpec) -> str:
 def check_tag(tag: str) -> None:
     """esper.registry's rule, so a tag that works in a notebook works in the service too."""
     if not isinstance(tag, str) or not TAG_RE.fullmatch(tag) or KERNEL_ID_RE.fullmatch(tag):
-        raise ConfigError(
+        raise InvalidTagError(
             f"tag {tag!r} must be 1-128 characters of letters, digits, '_', '.', '-' "
             "starting with a letter or digit, and must not look like a kernel id"
         )
@@ -69,25 +76,6 @@ def check_tag(tag: str) -> None:
 
 def _canonical(spec: BlueprintSpec) -> str:
     return json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-
-
-def _write_durably(directory: Path, name: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, directory / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename itself is only durable once the directory entry is on disk.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _encode_cursor(meta: KernelMeta) -> str:
@@ -100,14 +88,14 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, kernel_id = json.loads(raw)
     except (binascii.Error, UnicodeDecodeError, ValueError, TypeError):
-        raise ConfigError(f"invalid cursor {cursor!r}") from None
+        raise InvalidCursorError(f"invalid cursor {cursor!r}") from None
     if (
         isinstance(created_at, bool)
         or not isinstance(created_at, int | float)
         or not isinstance(kernel_id, str)
         or not KERNEL_ID_RE.fullmatch(kernel_id)
     ):
-        raise ConfigError(f"invalid cursor {cursor!r}")
+        raise InvalidCursorError(f"invalid cursor {cursor!r}")
     return float(created_at), kernel_id
 
 
@@ -194,13 +182,17 @@ class KernelStore:
                         existing = existing.model_copy(update={"builtin": True})
                     return existing, False
                 if existing.builtin and not builtin:
-                    raise ConfigError(f"{label} is built in and cannot be replaced; bump version")
-                raise ConfigError(f"{label} already exists with different content; bump version")
+                    raise BlueprintConflictError(
+                        f"{label} is built in and cannot be replaced; bump version"
+                    )
+                raise BlueprintConflictError(
+                    f"{label} already exists with different content; bump version"
+                )
             latest = conn.execute(sql.SELECT_LATEST_BLUEPRINT, (spec.name,)).fetchone()
             if latest is not None and latest[1] > spec.version:
                 # Inserting below the latest would never be served as "latest" and would make
                 # the version history say something that never happened.
-                raise ConfigError(
+                raise BlueprintConflictError(
                     f"{label} is older than the stored latest version {latest[1]}; "
                     f"use version {latest[1] + 1} or higher"
                 )
@@ -248,14 +240,14 @@ class KernelStore:
         self, artifact: KernelArtifact, *, tags: Sequence[str] = ()
     ) -> tuple[KernelMeta, bool]:
         """Store a kernel and point `tags` at it. The same id and bytes again returns the stored
-        metadata (still applying `tags`); the same id with other bytes is a ConfigError."""
+        metadata (still applying `tags`); the same id with other bytes is a KernelConflictError."""
         verify(artifact)
         for tag in tags:
             check_tag(tag)
         meta = artifact.meta
         with self._read() as conn:
             self._check_conflict(conn, meta)  # fail before writing a blob that nobody needs
-        _write_durably(self.blobs, self._blob_name(meta), artifact.data)
+        atomic_write(self.blobs / self._blob_name(meta), artifact.data, temp_prefix=_TMP_PREFIX)
         with self._write() as conn:
             # Checked again: another thread may have stored this id since the first look.
             if self._check_conflict(conn, meta):
@@ -286,7 +278,7 @@ class KernelStore:
         if row is None:
             return False
         if row[0] != meta.digest:
-            raise ConfigError(
+            raise KernelConflictError(
                 f"kernel {meta.kernel_id} already exists with digest {row[0]}, "
                 f"not {meta.digest}; a kernel id names exactly one artifact"
             )
@@ -307,12 +299,12 @@ class KernelStore:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise CorruptArtifactError(
+            raise CorruptBlobError(
                 f"kernel {meta.kernel_id}: its blob {path.name} is missing from the store"
             ) from None
         actual = hashlib.sha256(data).hexdigest()
         if "sha256:" + actual != meta.digest or len(data) != meta.size_bytes:
-            raise CorruptArtifactError(
+            raise CorruptBlobError(
                 f"kernel {meta.kernel_id}: stored blob hashes to sha256:{actual} "
                 f"({len(data)} bytes), not the recorded {meta.digest} ({meta.size_bytes} bytes)"
             )
@@ -377,7 +369,7 @@ class KernelStore:
     def delete_tag(self, tag: str) -> None:
         with self._write() as conn:
             if conn.execute(sql.DELETE_TAG, (tag,)).rowcount == 0:
-                raise UnknownKernelError(f"unknown tag {tag!r}")
+                raise UnknownTagError(f"unknown tag {tag!r}")
 
     # ------------------------------------------------------------------------------- totals
     def counts(self) -> dict[str, int]:

@@ -24,8 +24,8 @@ from esper.blueprints.spec import (
     ScaleOp,
     SqueezeExciteOp,
 )
+from esper.contracts.kernels import HostSignature
 from esper.exceptions import BlueprintHostError
-from esper.signature import HostSignature
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,

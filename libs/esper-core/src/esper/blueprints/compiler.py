@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import get_args
 
 import torch
 from torch import nn
@@ -12,16 +13,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from esper.blueprints.builder import instantiate
 from esper.blueprints.library import get_blueprint
 from esper.blueprints.spec import BlueprintSpec
+from esper.contracts.kernels import HostSignature, KernelMeta
+from esper.contracts.vocabulary import KernelFormat
 from esper.exceptions import CompileError, EsperError
-from esper.kernels.artifact import (
-    KernelArtifact,
-    KernelFormat,
-    KernelMeta,
-    digest_of,
-    kernel_id_for,
+from esper.kernels.artifact import KernelArtifact, digest_of, kernel_id_for
+from esper.kernels.executor import (
+    deserialize,
+    example_input,
+    export_program,
+    probe_input,
+    program_module,
+    save_program,
+    serialize,
 )
-from esper.kernels.executor import deserialize, example_input, probe_input, serialize
-from esper.signature import HostSignature
 
 COMPILER_VERSION = 1
 LATENCY_RUNS = 15
@@ -46,17 +50,22 @@ def compile_blueprint(
     *,
     signing_key: bytes | None = None,
 ) -> KernelArtifact:
-    """Instantiate, initialise function-preserving, serialize, reload and validate, measure."""
+    """Instantiate, initialise function-preserving, export and serialize, validate, measure."""
     spec = get_blueprint(blueprint) if isinstance(blueprint, str) else blueprint
     signature = host if isinstance(host, HostSignature) else HostSignature.of(host)
-    if fmt not in ("export", "torchscript"):
+    if fmt not in get_args(KernelFormat):
         raise CompileError(f"unknown kernel format {fmt!r}; use 'export' or 'torchscript'")
     kernel_id = compile_kernel_id(spec, signature, fmt)
     where = _where(spec, signature)
     module, example = _instantiate_checked(spec, signature, seed=int(kernel_id[4:12], 16))
 
+    program: torch.export.ExportedProgram | None = None
     try:
-        data = serialize(module, signature, fmt)
+        if fmt == "export":
+            program = export_program(module, signature)
+            data = save_program(program)
+        else:
+            data = serialize(module, signature, fmt)
     except EsperError:
         raise
     except Exception as err:
@@ -78,7 +87,7 @@ def compile_blueprint(
         flops=_flops_per_sample(module, example),
     )
     artifact = KernelArtifact(meta, data)
-    meta.latency_us = _validate_and_time(artifact, signature, where)
+    meta.latency_us = _validate_and_time(artifact, signature, where, program)
     return artifact.signed(signing_key) if signing_key else artifact
 
 
@@ -115,21 +124,33 @@ def _flops_per_sample(module: nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops() // example.shape[0])
 
 
-def _validate_and_time(artifact: KernelArtifact, host: HostSignature, where: str) -> float:
-    """Reload the bytes, run them at another batch size (and spatial size), time the forward."""
-    loaded = deserialize(artifact)
+def _validate_and_time(
+    artifact: KernelArtifact,
+    host: HostSignature,
+    where: str,
+    program: torch.export.ExportedProgram | None,
+) -> float:
+    """Run the kernel at another batch size (and spatial size), time the forward.
+
+    An exported kernel is checked as the module of the program just exported, the graph its
+    bytes hold, made runnable the way `deserialize` makes it. Loading the bytes back instead
+    rebuilt every node's symbolic metadata from the JSON: a quarter of a compile, to re-check
+    torch.export's own save/load round trip (the compiler tests load every built-in and host
+    geometry from bytes). A TorchScript kernel is loaded from its bytes.
+    """
+    loaded = program_module(program) if program is not None else deserialize(artifact)
     probe = probe_input(host, batch=3)
     with torch.no_grad():
         try:
             out = loaded(probe)
         except Exception as err:
             raise CompileError(
-                f"{where}: reloaded kernel fails on {tuple(probe.shape)}: {err}"
+                f"{where}: compiled kernel fails on {tuple(probe.shape)}: {err}"
             ) from None
         if tuple(out.shape) != host.output_shape(tuple(probe.shape)):
-            raise CompileError(f"{where}: reloaded kernel gives shape {tuple(out.shape)}")
+            raise CompileError(f"{where}: compiled kernel gives shape {tuple(out.shape)}")
         if not all(p.requires_grad for p in loaded.parameters()):
-            raise CompileError(f"{where}: reloaded kernel has frozen parameters")
+            raise CompileError(f"{where}: compiled kernel has frozen parameters")
         times = []
         for _ in range(LATENCY_RUNS):
             start = time.perf_counter()

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from esper.blueprints.sizes import parse_size
+from esper.contracts.vocabulary import Blend
 from esper.exceptions import BlueprintSpecError
 
 Size = int | str
@@ -183,7 +184,7 @@ class BlueprintSpec(BaseModel):
     version: int = Field(default=1, ge=1)
     description: str = Field(default="", max_length=500)
     hosts: list[HostKind] = Field(min_length=1)
-    default_blend: Literal["add", "lerp"] = "add"
+    default_blend: Blend = "add"
     params: dict[str, float] = Field(default_factory=dict)
     body: list[OpSpec] = Field(min_length=1)
 

@@ -6,7 +6,6 @@ one retry policy (ours): it knows which operations are safe to repeat and how lo
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -14,6 +13,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from esper._backoff import Backoff as SharedBackoff
 from esper.bus.settings import BusSettings
 
 #: A lost or refused connection, a socket timeout, or a server still loading its AOF
@@ -45,25 +45,16 @@ def connect(settings: BusSettings, **overrides: Any) -> aioredis.Redis:
     return client
 
 
-class Backoff:
-    """Exponential backoff with full jitter between `low` and `high` seconds; `reset()` on success.
+class Backoff(SharedBackoff):
+    """The bus's reconnect and retry backoff: exponential between `low` and `high` seconds with
+    jitter, never sooner than `low`; `reset()` on success.
 
     Jitter keeps a fleet of consumers from reconnecting in lockstep after Redis comes back.
     """
 
     def __init__(self, low: float, high: float) -> None:
-        self.low = low
-        self.high = high
-        self.attempts = 0
+        super().__init__(low, high, floor_s=low)
 
     @classmethod
     def from_settings(cls, settings: BusSettings) -> Backoff:
         return cls(settings.reconnect_backoff_min_s, settings.reconnect_backoff_max_s)
-
-    def next_delay(self) -> float:
-        ceiling = min(self.high, self.low * (2 ** min(self.attempts, 30)))
-        self.attempts += 1
-        return random.uniform(self.low, max(self.low, ceiling))
-
-    def reset(self) -> None:
-        self.attempts = 0

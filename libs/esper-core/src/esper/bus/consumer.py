@@ -128,7 +128,8 @@ class Consumer:
 
     def register(self, message_type: str | type[Message], handler: Handler) -> None:
         """Run `handler` for messages of this type (a TYPE string or a Message class), every
-        schema version of it: `delivery.message` is the contract class of the entry's version."""
+        schema version of it: `delivery.message` is the contract class of the entry's version,
+        or of the current version when the older contract upgrades (`Message.upgrade`)."""
         key = message_type if isinstance(message_type, str) else message_type.TYPE
         self._handlers[key] = handler
 
@@ -430,7 +431,7 @@ class Consumer:
                     f"(fields: {', '.join(_text(k) for k in fields) or 'none'})"
                 )
             envelope = Envelope.decode(raw)
-            message = envelope.message()
+            message = envelope.current()
         except MessageError as err:
             return _Work(Claim(stream, entry_id), raw or b"", error=err)
         return _Work(

@@ -17,7 +17,7 @@ class Delivery:
 
     envelope: Envelope
     message: Message
-    """The payload, validated against its contract."""
+    """The payload, validated against its contract (and upgraded: `Envelope.current`)."""
     topic: str
     stream: str
     entry_id: str

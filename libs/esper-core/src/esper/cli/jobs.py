@@ -13,7 +13,7 @@ from rich.table import Table
 from esper.cli.output import console, fail, fmt
 from esper.client import Esper
 from esper.client.calls import Event
-from esper.contracts import JobView
+from esper.contracts import JOB_STATUSES, JobView
 
 app = typer.Typer(no_args_is_help=True, help="Training jobs on Tolaria.")
 Url = Annotated[
@@ -107,9 +107,7 @@ def show(view: JobView) -> None:
 
 @app.command("list")
 def list_jobs(
-    status: Annotated[
-        str | None, typer.Option(help="PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED")
-    ] = None,
+    status: Annotated[str | None, typer.Option(help=", ".join(JOB_STATUSES))] = None,
     limit: int = 50,
     url: Url = None,
 ) -> None:

@@ -14,6 +14,7 @@ from esper.cli.jobs import follow_job
 from esper.cli.output import console, fail, fmt
 from esper.client import Esper, ServiceUrls
 from esper.client.calls import SERVICES
+from esper.contracts import RUNNING_SEED_STATES, TERMINAL_JOB_STATUSES
 from esper.exceptions import ServiceError
 from esper.stack import START_ORDER, LocalStack
 
@@ -186,10 +187,10 @@ def run_demo(esper: Esper) -> bool:
     grown = follow_job(esper, grow.job_id)
     deadline = time.monotonic() + 600
     plain = esper.job(control.job_id)
-    while plain.status not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
+    while plain.status not in TERMINAL_JOB_STATUSES and time.monotonic() < deadline:
         time.sleep(0.5)
         plain = esper.job(control.job_id)
-    germinated = [s for s in grown.seeds if s.state in ("ACTIVE", "RETIRING")] or grown.seeds
+    germinated = [s for s in grown.seeds if s.state in RUNNING_SEED_STATES] or grown.seeds
     a, b = grown.metrics.val_accuracy, plain.metrics.val_accuracy
     console.rule("result")
     console.print(f"with growth:    val acc {fmt(a, 3)}  ({len(grown.seeds)} seed(s))")

@@ -6,13 +6,15 @@
         for event in esper.events(job.job_id):
             ...
 
-`AsyncEsper` is the same API awaited; `UrzaClient` compiles and uploads kernels (a training job's
-kernel provider). Every error a service answers is an `esper.exceptions.ServiceError`.
+`AsyncEsper` is the same API awaited. `UrzaClient` is the one client of Urza the services and the
+HTTP kernel tier use (kernels, artifacts, blueprints, compiles, uploads; a training job's kernel
+provider). Every error a service answers is an `esper.exceptions.ServiceError`; no answer at all
+is its subclass `ServiceUnreachableError`.
 """
 
 from esper.client.aio import AsyncEsper
 from esper.client.calls import Event, ServiceUrls
 from esper.client.sync import Esper
-from esper.client.urza import UrzaClient
+from esper.client.urza import KernelDownload, UrzaClient
 
-__all__ = ["AsyncEsper", "Esper", "Event", "ServiceUrls", "UrzaClient"]
+__all__ = ["AsyncEsper", "Esper", "Event", "KernelDownload", "ServiceUrls", "UrzaClient"]

@@ -9,10 +9,10 @@ from typing import Any, TypeVar
 import httpx
 
 from esper.client import calls
-from esper.client.calls import Call, Event, ServiceUrls, SSEParser, raise_for_error
+from esper.client._http import async_http, raise_for_error, unreachable
+from esper.client.calls import Call, Event, ServiceUrls, SSEParser
 from esper.contracts import JobSpec, JobSubmitted, JobView, Page
-from esper.exceptions import ServiceError
-from esper.kernels.artifact import KernelMeta
+from esper.contracts.kernels import KernelMeta
 
 T = TypeVar("T")
 
@@ -30,15 +30,14 @@ class AsyncEsper:
     ) -> None:
         self.urls = urls or ServiceUrls.from_env()
         token = token if token is not None else os.environ.get("ESPER_API_TOKEN")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(headers=headers, timeout=timeout_s, transport=transport)
+        self._http = async_http(token=token, timeout_s=timeout_s, transport=transport)
 
     async def run(self, call: Call[T], *, accept: tuple[int, ...] = ()) -> T:
         url = self.urls.of(call.service) + call.path
         try:
             response = await self._http.request(call.method, url, **call.kwargs)
         except httpx.HTTPError as err:
-            raise ServiceError(call.service, 503, "unreachable", f"{url}: {err}") from err
+            raise unreachable(call.service, f"{call.method} {url}", err) from err
         if response.status_code not in accept:
             raise_for_error(call.service, response)
         return call.parse(response)

@@ -1,6 +1,6 @@
 """What the clients ask the services, as data: each endpoint builds a `Call` (service, method,
-path, arguments, how to read the answer). `Esper` runs calls with httpx.Client, `AsyncEsper` with
-httpx.AsyncClient, so both speak the same API and neither repeats its details."""
+path, arguments, how to read the answer). `Esper` runs calls with httpx.Client, `AsyncEsper` and
+`UrzaClient` with httpx.AsyncClient, so they speak the same API and none repeats its details."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+from urllib.parse import quote
 
 import httpx
 
 from esper.contracts import JobSpec, JobSubmitted, JobView, Page
-from esper.exceptions import ServiceError
-from esper.kernels.artifact import KernelMeta
+from esper.contracts.kernels import KernelMeta
+from esper.contracts.kernels_api import CompileRequest, KernelResult, KernelUpload
 
 T = TypeVar("T")
 SERVICES = ("tolaria", "tamiyo", "nissa", "urza")
@@ -50,18 +51,6 @@ class Call(Generic[T]):
     path: str
     parse: Callable[[httpx.Response], T]
     kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-def raise_for_error(service: str, response: httpx.Response) -> None:
-    """Every service answers errors as `{"error": {type, message, ...}}`: one typed exception."""
-    if response.is_success:
-        return
-    try:
-        error = response.json()["error"]
-        kind, message = str(error["type"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
-        kind, message = "error", response.text[:500] or response.reason_phrase
-    raise ServiceError(service, response.status_code, kind, message)
 
 
 def _json(response: httpx.Response) -> Any:
@@ -136,8 +125,42 @@ def kernels(
     )
 
 
+def kernel(ref: str) -> Call[KernelMeta]:
+    """A kernel's meta by id or tag; the ref is quoted into one path segment, so a tag can never
+    reach another route."""
+    return Call(
+        "urza",
+        "GET",
+        f"/kernels/{quote(ref, safe='')}",
+        lambda r: KernelMeta.model_validate_json(r.content),
+    )
+
+
 def blueprints() -> Call[list[dict[str, Any]]]:
     return Call("urza", "GET", "/blueprints", lambda r: list(r.json()["items"]))
+
+
+def compile_kernel(request: CompileRequest) -> Call[KernelResult]:
+    return Call(
+        "urza",
+        "POST",
+        "/kernels/compile",
+        lambda r: KernelResult.model_validate_json(r.content),
+        {"json": request.model_dump(mode="json")},
+    )
+
+
+def upload_kernel(upload: KernelUpload, data: bytes) -> Call[KernelResult]:
+    return Call(
+        "urza",
+        "POST",
+        "/kernels",
+        lambda r: KernelResult.model_validate_json(r.content),
+        {
+            "data": {"meta": upload.model_dump_json()},
+            "files": {"artifact": ("kernel.bin", data, "application/octet-stream")},
+        },
+    )
 
 
 # -------------------------------------------------------------------- probes

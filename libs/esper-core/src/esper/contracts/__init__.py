@@ -9,19 +9,27 @@ Topics and the messages they carry:
     events      event.seed_transition   SeedTransition
                 event.job_status        JobStatusChanged
                 event.kernel_ready      KernelReady
-                event.decision_taken    DecisionTaken
+                event.decision_taken    DecisionTaken (v2; v1 DecisionTakenV1 still read)
 
 Versioning. Each message type has its own integer VERSION, carried in the envelope. Payloads
 forbid unknown fields, so *any* change of shape — even a new optional field — is a new VERSION:
 a new class registered next to the old one, which stays registered for as long as some producer
-may still send it. `SCHEMA_VERSION` is the version of the envelope itself and of these rules; it
-changes only if the envelope's fields do. `proto/` holds the JSON Schema of each (type, version),
-generated from these models (`make proto`); a test fails when the two drift apart.
+may still send it. An old version that can be read as the current one says how in its
+`upgrade()` (`Envelope.current()`; the bus's consumers hand handlers the upgraded message), so
+what it lacks is derived once, here. `SCHEMA_VERSION` is the version of the envelope itself and
+of these rules; it changes only if the envelope's fields do. `proto/` holds the JSON Schema of
+each (type, version), generated from these models (`make proto`); a test fails when the two
+drift apart.
+
+Vocabulary. The field types and closed sets of names the messages are built from (`JobStatus`,
+`TERMINAL_JOB_STATUSES`, `SeedStateName`, `Outcome`, `Identifier`, …) live in
+`esper.contracts.vocabulary` and are exported here: a service that needs one imports it rather
+than keeping a copy. `HostSignature` and `KernelMeta`, which travel in kernel messages and
+Urza's API, are in `esper.contracts.kernels`.
 """
 
 from pydantic import BaseModel
 
-from esper.contracts._types import clip
 from esper.contracts.api import Check, ErrorBody, ErrorInfo, HealthStatus, Page, Readiness
 from esper.contracts.control import ControlDecision, Strategy
 from esper.contracts.envelope import (
@@ -32,7 +40,15 @@ from esper.contracts.envelope import (
     contracts,
     register,
 )
-from esper.contracts.events import DecisionTaken, JobStatusChanged, KernelReady, SeedTransition
+from esper.contracts.events import (
+    REFUSAL_CODES,
+    DecisionTaken,
+    DecisionTakenV1,
+    JobStatusChanged,
+    KernelReady,
+    RefusalCode,
+    SeedTransition,
+)
 from esper.contracts.examples import examples
 from esper.contracts.health import Heartbeat
 from esper.contracts.jobs import (
@@ -44,8 +60,43 @@ from esper.contracts.jobs import (
     JobView,
     SeedView,
 )
+from esper.contracts.kernels import HostSignature, KernelMeta
 from esper.contracts.kernels_api import CompileRequest, KernelLineage, KernelResult, KernelUpload
 from esper.contracts.telemetry import LayerStats, SeedStats, TelemetryReport, finite_or_none
+from esper.contracts.vocabulary import (
+    JOB_STATUSES,
+    KERNEL_ID_RE,
+    MAX_SAFE_INT,
+    RUNNING_SEED_STATES,
+    SEED_STATE_NAMES,
+    TERMINAL_JOB_STATUSES,
+    Action,
+    Blend,
+    BlueprintName,
+    Count,
+    Detail,
+    Digest,
+    HealthState,
+    Identifier,
+    JobStatus,
+    KernelFormat,
+    KernelId,
+    KernelTag,
+    Key,
+    LayerName,
+    NonNegative,
+    Outcome,
+    Reason,
+    Scalar,
+    SeedIndex,
+    SeedStateName,
+    ServiceName,
+    Tag,
+    Text,
+    Timestamp,
+    Unit,
+    clip,
+)
 
 SCHEMA_VERSION = 1
 
@@ -57,6 +108,7 @@ MESSAGES: tuple[type[Message], ...] = (
     JobStatusChanged,
     KernelReady,
     DecisionTaken,
+    DecisionTakenV1,
     JobQueued,
 )
 """Every contract Esper itself defines (the registry may also hold ones a test registered)."""
@@ -77,38 +129,74 @@ API_BODIES: tuple[type[BaseModel], ...] = (
 
 __all__ = [
     "API_BODIES",
+    "JOB_STATUSES",
+    "KERNEL_ID_RE",
+    "MAX_SAFE_INT",
     "MESSAGES",
+    "REFUSAL_CODES",
+    "RUNNING_SEED_STATES",
     "SCHEMA_VERSION",
+    "SEED_STATE_NAMES",
+    "TERMINAL_JOB_STATUSES",
     "TOPICS",
+    "Action",
+    "Blend",
+    "BlueprintName",
     "Check",
     "CompileRequest",
     "ControlDecision",
+    "Count",
     "DecisionTaken",
+    "DecisionTakenV1",
+    "Detail",
+    "Digest",
     "Envelope",
     "ErrorBody",
     "ErrorInfo",
+    "HealthState",
     "HealthStatus",
     "Heartbeat",
+    "HostSignature",
+    "Identifier",
     "JobMetrics",
     "JobProgress",
     "JobQueued",
     "JobSpec",
+    "JobStatus",
     "JobStatusChanged",
     "JobSubmitted",
     "JobView",
+    "KernelFormat",
+    "KernelId",
     "KernelLineage",
+    "KernelMeta",
     "KernelReady",
     "KernelResult",
+    "KernelTag",
     "KernelUpload",
+    "Key",
+    "LayerName",
     "LayerStats",
     "Message",
+    "NonNegative",
+    "Outcome",
     "Page",
     "Readiness",
+    "Reason",
+    "RefusalCode",
+    "Scalar",
+    "SeedIndex",
+    "SeedStateName",
     "SeedStats",
     "SeedTransition",
     "SeedView",
+    "ServiceName",
     "Strategy",
+    "Tag",
     "TelemetryReport",
+    "Text",
+    "Timestamp",
+    "Unit",
     "clip",
     "contract",
     "contracts",

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from esper.contracts._types import Count, HealthState, Key, ServiceName
+from esper.contracts.vocabulary import Count, HealthState, Key, ServiceName
 
 T = TypeVar("T")
 

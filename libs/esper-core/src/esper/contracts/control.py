@@ -10,8 +10,9 @@ from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from esper.contracts._types import (
-    NULL,
+from esper.contracts._schema import NULL, fields_are, when
+from esper.contracts.envelope import Message, register
+from esper.contracts.vocabulary import (
     Action,
     Blend,
     BlueprintName,
@@ -23,10 +24,7 @@ from esper.contracts._types import (
     SeedIndex,
     Tag,
     Unit,
-    fields_are,
-    when,
 )
-from esper.contracts.envelope import Message, register
 
 Strategy = Literal["diversify", "specialize", "ensemble"]
 

@@ -3,19 +3,25 @@ decisions executed. Consumers count and display them; nobody asks for them to ha
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, ClassVar, Literal, cast, get_args
 
 from pydantic import ConfigDict, Field, model_validator
 
-from esper.contracts._types import (
+from esper.contracts._schema import fields_are, when
+from esper.contracts.envelope import Message, register
+from esper.contracts.kernels import HostSignature, KernelMeta
+from esper.contracts.vocabulary import (
     Action,
     BlueprintName,
     Count,
     Digest,
     Identifier,
     JobStatus,
+    KernelFormat,
     KernelId,
     LayerName,
+    Outcome,
     Reason,
     SeedIndex,
     SeedStateName,
@@ -23,16 +29,12 @@ from esper.contracts._types import (
     Text,
     Timestamp,
     clip,
-    fields_are,
-    when,
 )
-from esper.contracts.envelope import Message, register
 from esper.kasmina.states import LEGAL_TRANSITIONS, SeedState
 
 if TYPE_CHECKING:
+    from esper.contracts.control import ControlDecision
     from esper.kasmina.lifecycle import LifecycleEvent
-from esper.kernels.artifact import KernelFormat, KernelMeta
-from esper.signature import HostSignature
 
 
 def _name(state: SeedState) -> SeedStateName:
@@ -159,18 +161,150 @@ class KernelReady(Message):
         )
 
 
-@register
-class DecisionTaken(Message):
-    """A job's answer to a ControlDecision: applied (to `layer`/`seed`) or refused, and why."""
+RefusalCode = Literal[
+    "wrong_job",
+    "unknown_layer",
+    "invalid_seed",
+    "seed_state",
+    "morphogenesis_off",
+    "no_free_slot",
+    "max_seeds",
+    "kernel_unavailable",
+    "load_failed",
+    "alpha_rejected",
+    "job_finished",
+    "internal",
+]
+"""Why a job refused a ControlDecision, for a program to act on (the reason is for people):
+
+- `wrong_job`: the decision names another job.
+- `unknown_layer`: the model wraps no layer of that name.
+- `invalid_seed`: the action needs a seed and none was named, or the index is out of range.
+- `seed_state`: the named seed is not in a state the action applies to (retire, keep and
+  set_alpha need an ACTIVE seed; a germination into a named slot needs it DORMANT).
+- `morphogenesis_off`: the job does not grow seeds at all.
+- `no_free_slot`: a germination found no DORMANT slot in the layer.
+- `max_seeds`: the job already holds its `max_seeds`.
+- `kernel_unavailable`: no kernel could be had for the blueprint (compile or fetch failed).
+- `load_failed`: the kernel was had but could not be loaded into the slot.
+- `alpha_rejected`: α cannot go where asked (the layer's lerp budget, say).
+- `job_finished`: the job stopped training before it got to the decision.
+- `internal`: anything else, a bug included.
+"""
+REFUSAL_CODES: tuple[RefusalCode, ...] = get_args(RefusalCode)
+
+
+class _DecisionAnswer(Message):
+    """What every version of `event.decision_taken` carries."""
 
     TYPE: ClassVar[str] = "event.decision_taken"
-    VERSION: ClassVar[int] = 1
     TOPIC: ClassVar[str] = "events"
 
     decision_id: Identifier
     job_id: Identifier
     action: Action
-    outcome: Literal["applied", "refused"]
+    outcome: Outcome
     reason: Reason
     layer: LayerName
     seed: SeedIndex | None = Field(default=None, description="the slot used; null if none was")
+
+
+@register
+class DecisionTaken(_DecisionAnswer):
+    """A job's answer to a ControlDecision: applied (to `layer`/`seed`) or refused, and why.
+
+    A refusal carries a `code` (closed set) for programs, and `reason` in words for people: a
+    consumer that acts on a refusal switches on the code, so rewording a reason changes nothing.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                when(
+                    "outcome",
+                    {"const": "refused"},
+                    {**fields_are(code={"enum": list(REFUSAL_CODES)}), "required": ["code"]},
+                ),
+                when("outcome", {"const": "applied"}, fields_are(code={"type": "null"})),
+            ]
+        }
+    )
+
+    VERSION: ClassVar[int] = 2
+
+    code: RefusalCode | None = Field(
+        default=None, description="why it was refused; set exactly when outcome is refused"
+    )
+
+    @model_validator(mode="after")
+    def _code_iff_refused(self) -> DecisionTaken:
+        if self.outcome == "refused" and self.code is None:
+            raise ValueError("a refused decision needs a code")
+        if self.outcome == "applied" and self.code is not None:
+            raise ValueError(f"an applied decision has no refusal code (got {self.code!r})")
+        return self
+
+    @classmethod
+    def refused(
+        cls,
+        decision: ControlDecision,
+        code: RefusalCode,
+        reason: str,
+        *,
+        job_id: str | None = None,
+        seed: int | None = None,
+    ) -> DecisionTaken:
+        """The answer refusing `decision`: every refusal is built here, so none lacks a code.
+        `job_id` is who answers (by default the job the decision names); `seed` the slot the
+        refusal is about, if any. A long reason (an error message, say) is shortened."""
+        return cls(
+            decision_id=decision.decision_id,
+            job_id=decision.job_id if job_id is None else job_id,
+            action=decision.action,
+            outcome="refused",
+            code=code,
+            reason=clip(reason) or "(no reason given)",
+            layer=decision.layer,
+            seed=seed,
+        )
+
+
+# v1 reasons as Esper's producers wrote them before refusals had a code, most specific first
+# (an internal error's text may quote anything). Matched only here, when an old message is read.
+_V1_WORDS: tuple[tuple[str, RefusalCode], ...] = (
+    (r"^internal error:", "internal"),
+    (r"^decision \S+ is for job .*, not for this job", "wrong_job"),
+    (r"^unknown layer ", "unknown_layer"),
+    (r" names no seed of layer |^seed \d+ is out of range", "invalid_seed"),
+    (r"^no kernel for blueprint ", "kernel_unavailable"),
+    (r"^loading kernel .* failed", "load_failed"),
+    (r"^cannot ramp seed |^cannot set α:", "alpha_rejected"),
+    (r"^cannot (germinate|keep|retire|set_alpha):", "seed_state"),
+    (r"^the job has finished", "job_finished"),
+    # Matched anywhere, as Tamiyo matched them while they were all it had.
+    (r"no free seed slot", "no_free_slot"),
+    (r"max_seeds reached", "max_seeds"),
+    (r"morphogenesis is (disabled|off)", "morphogenesis_off"),
+)
+_V1_REASONS = tuple((re.compile(words, re.IGNORECASE), code) for words, code in _V1_WORDS)
+
+
+def refusal_code_of_v1(reason: str) -> RefusalCode:
+    """The code of a v1 refusal, from its words; `internal` when they are not Esper's own."""
+    for pattern, code in _V1_REASONS:
+        if pattern.search(reason):
+            return code
+    return "internal"
+
+
+@register
+class DecisionTakenV1(_DecisionAnswer):
+    """`event.decision_taken` v1: a refusal says why in words only. Still read, from producers
+    not yet upgraded and from old checkpoints; `upgrade()` gives the current DecisionTaken."""
+
+    VERSION: ClassVar[int] = 1
+
+    def upgrade(self) -> DecisionTaken:
+        fields = self.model_dump()
+        code = refusal_code_of_v1(self.reason) if self.outcome == "refused" else None
+        return DecisionTaken(**fields, code=code)

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 from esper.contracts.control import ControlDecision
 from esper.contracts.envelope import Message
-from esper.contracts.events import DecisionTaken, JobStatusChanged, KernelReady, SeedTransition
+from esper.contracts.events import (
+    DecisionTaken,
+    DecisionTakenV1,
+    JobStatusChanged,
+    KernelReady,
+    SeedTransition,
+)
 from esper.contracts.health import Heartbeat
 from esper.contracts.jobs import JobQueued
+from esper.contracts.kernels import HostSignature
 from esper.contracts.telemetry import LayerStats, SeedStats, TelemetryReport
-from esper.signature import HostSignature
 
 JOB = "job-7f3a9c"
 KERNEL = "krn_0123456789abcdef01234567"
@@ -155,6 +161,26 @@ def examples() -> dict[type[Message], list[Message]]:
                 seed=0,
             ),
             DecisionTaken(
+                decision_id="dec-000045",
+                job_id=JOB,
+                action="germinate",
+                outcome="refused",
+                code="no_free_slot",
+                reason="no free seed slot in layer 'layer1' (slots: ACTIVE, ACTIVE)",
+                layer="layer1",
+            ),
+        ],
+        DecisionTakenV1: [
+            DecisionTakenV1(
+                decision_id="dec-000042",
+                job_id=JOB,
+                action="germinate",
+                outcome="applied",
+                reason="loaded into seed 0",
+                layer="layer1",
+                seed=0,
+            ),
+            DecisionTakenV1(
                 decision_id="dec-000045",
                 job_id=JOB,
                 action="germinate",

@@ -10,15 +10,8 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from esper.contracts._types import (
-    Detail,
-    HealthState,
-    Identifier,
-    Key,
-    ServiceName,
-    Timestamp,
-)
 from esper.contracts.envelope import Message, register
+from esper.contracts.vocabulary import Detail, HealthState, Identifier, Key, ServiceName, Timestamp
 
 
 @register

@@ -16,10 +16,13 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from esper.contracts._types import (
+from esper.contracts.envelope import Message, register
+from esper.contracts.vocabulary import (
+    Blend,
     Count,
     Identifier,
     JobStatus,
+    KernelFormat,
     KernelId,
     LayerName,
     SeedIndex,
@@ -28,7 +31,6 @@ from esper.contracts._types import (
     Timestamp,
     Unit,
 )
-from esper.contracts.envelope import Message, register
 
 
 class _Spec(BaseModel):
@@ -221,16 +223,14 @@ class MorphogenesisSpec(_Spec):
         default=None, max_length=256, description="wrap these layers (null: by `layer_types`)"
     )
     layer_types: list[HostKind] = Field(default_factory=lambda: list(HOST_KINDS), min_length=1)
-    blend: Literal["add", "lerp"] | None = Field(
-        default=None, description="null: each kernel's default blend"
-    )
+    blend: Blend | None = Field(default=None, description="null: each kernel's default blend")
     ramp_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
     grad_isolation: bool = False
     seed_lr: Annotated[float, Field(gt=0.0, le=10.0)] | None = Field(
         default=None, description="null: the training lr"
     )
     max_seeds: Annotated[int, Field(ge=0, le=4096)] = 4
-    kernel_format: Literal["export", "torchscript"] = "export"
+    kernel_format: KernelFormat = "export"
     publish_kernels: bool = Field(
         default=False, description="at the end, upload each trained ACTIVE seed to Urza"
     )

@@ -6,13 +6,21 @@ builds requests with the same models the service validates them with.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from esper.contracts._types import BlueprintName, Digest, Identifier, KernelId, KernelTag, Key
-from esper.kernels.artifact import KernelFormat, KernelMeta
-from esper.signature import HostSignature
+from esper.contracts.kernels import HostSignature, KernelMeta
+from esper.contracts.vocabulary import (
+    Blend,
+    BlueprintName,
+    Digest,
+    Identifier,
+    KernelFormat,
+    KernelId,
+    KernelTag,
+    Key,
+)
 
 KernelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]
 
@@ -52,7 +60,7 @@ class KernelUpload(_Body):
     host: HostSignature
     blueprint: BlueprintName | None = None
     blueprint_version: int | None = Field(default=None, ge=1)
-    default_blend: Literal["add", "lerp"] = "add"
+    default_blend: Blend = "add"
     digest: Digest | None = None
     lineage: KernelLineage = Field(default_factory=KernelLineage)
     tags: list[KernelTag] = Field(default_factory=list, max_length=16)

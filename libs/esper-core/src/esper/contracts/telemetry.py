@@ -14,22 +14,19 @@ from typing import ClassVar, Literal, get_args
 
 from pydantic import ConfigDict, Field, model_validator
 
-from esper.contracts._types import (
-    NULL,
+from esper.contracts._schema import NULL, Part, fields_are, when
+from esper.contracts.envelope import Message, register
+from esper.contracts.vocabulary import (
     Blend,
     Count,
     Identifier,
     KernelId,
     LayerName,
     NonNegative,
-    Part,
     SeedIndex,
     SeedStateName,
     Unit,
-    fields_are,
-    when,
 )
-from esper.contracts.envelope import Message, register
 
 Metric = Literal["train_loss", "val_loss", "val_accuracy", "samples_per_s"]
 

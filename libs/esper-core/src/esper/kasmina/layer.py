@@ -2,10 +2,12 @@
 
     y = (1 - Σ_lerp α_i)·host(x) + Σ_lerp α_i·k_i(x) + Σ_add α_j·k_j(x)
 
-Which seeds run is Python-side state (`_running_lerp`, `_running_add`), changed only by
-`_refresh_running()` after a lifecycle transition. α is a buffer updated in place (`fill_`), which
-a `torch.compile`d model reads, so it survives α changes without recompiling, as PEFT does with
-LoRA scalings; eager forwards take α by value from its Python mirror (one fused add per seed).
+Each slot's Python-side state is one SeedSlot record (`_slots`), its numeric state the layer's
+StateLayout buffers, created on the host's device and moved with it; SeedSlot's docstring says who
+writes what. Which seeds run (`_running_lerp`, `_running_add`) is derived from the records, only
+by `_refresh_running()` after a lifecycle transition. α is a buffer updated in place (`fill_`),
+which a `torch.compile`d model reads, so it survives α changes without recompiling, as PEFT does
+with LoRA scalings; eager forwards take α by value from the records (one fused add per seed).
 
 With `dormant_bypass` on, a layer none of whose seeds runs has the host's bound `forward` as its
 own instance `forward`, so nn.Module.__call__ goes straight to the host: one module call less per
@@ -16,34 +18,46 @@ while a seed runs (hooks on the KasminaLayer always run), which is why it is off
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
 
+from esper.contracts.kernels import HostSignature
 from esper.exceptions import (
     AlphaRangeError,
     ConfigError,
     KernelDtypeError,
     KernelShapeError,
     LerpBudgetError,
-    SeedIndexError,
     SeedStateError,
 )
 from esper.kasmina.lifecycle import LifecycleManager
 from esper.kasmina.schedule import AlphaRamp, RampShape
-from esper.kasmina.state import RUNNING_STATES, BlendMode, SeedState, StateLayout
-from esper.signature import HostSignature
+from esper.kasmina.state import (
+    RUNNING_STATES,
+    BlendMode,
+    SeedSlot,
+    SeedState,
+    StateLayout,
+    check_seed_index,
+)
 
 log = logging.getLogger(__name__)
 
 LERP_TOLERANCE = 1e-6
 # Given a kernel id and the layer it is for, returns a module ready to attach (checkpoint restore).
 KernelLoader = Callable[[str, "KasminaLayer"], nn.Module]
+# The SeedSlot fields KasminaLayer writes directly, which _reset_slot returns to a fresh record's;
+# the others have writers of their own, which also write a buffer or the module (see SeedSlot).
+_PLAIN_FIELDS = tuple(
+    f.name for f in fields(SeedSlot) if f.name not in {"state", "alpha", "contribution", "call"}
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,34 @@ class SeedInfo:
     blend: BlendMode
     grad_isolation: bool
     last_error: str | None
+
+
+class SlotStates:
+    """The slots' lifecycle states, as the sequence LifecycleManager (their one writer) reads and
+    writes: each state lives in its SeedSlot. The number of slots out of DORMANT is kept with the
+    write, so that `KasminaLayer.all_dormant`, asked once per layer per step, is one comparison."""
+
+    def __init__(self, slots: list[SeedSlot]) -> None:
+        self._slots = slots
+        self.occupied = sum(slot.state is not SeedState.DORMANT for slot in slots)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __getitem__(self, seed: int) -> SeedState:
+        return self._slots[seed].state
+
+    def __setitem__(self, seed: int, state: SeedState) -> None:
+        slot = self._slots[seed]
+        self.occupied += (state is not SeedState.DORMANT) - (slot.state is not SeedState.DORMANT)
+        slot.state = state
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    """Where the module's tensors live; None (torch's default device) for one without any."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return None
 
 
 class KasminaLayer(nn.Module):
@@ -76,7 +118,11 @@ class KasminaLayer(nn.Module):
             raise ConfigError(f"error_threshold must be ≥ 1, got {error_threshold}")
         self.signature = HostSignature.of(base_layer)
         self.base_layer = base_layer
-        self.layout = StateLayout(num_seeds)
+        # On the host's device: a model moved before it is wrapped (as Tolaria does) must not
+        # leave its layouts behind on the CPU. `.to()` then moves them with the model.
+        self.layout = StateLayout(num_seeds, device=_device_of(base_layer))
+        # The one copy of each seed module, keyed by its slot: registered, so state_dict, .to()
+        # and parameters() see it.
         self.seeds = nn.ModuleDict()
         self.layer_name = name
         self.num_seeds = num_seeds
@@ -84,25 +130,15 @@ class KasminaLayer(nn.Module):
         self.error_threshold = error_threshold
         self.kernel_loader: KernelLoader | None = None
         self.recycled = 0  # slots recycled so far; owners compare it to notice retirements cheaply
-        # Python mirrors of the layout: forward decides from these, never from device tensors.
-        self._states = [SeedState.DORMANT] * num_seeds
-        self._alphas = [0.0] * num_seeds
-        self._kernel_ids: list[str | None] = [None] * num_seeds
-        self._blend = [BlendMode.ADD] * num_seeds
-        self._isolate = [False] * num_seeds
-        self._modules_by_seed: list[nn.Module | None] = [None] * num_seeds
-        # Seeds are called through their bound forward: nn.Module.__call__ (hooks, and for an
-        # exported GraphModule its call wrapper) costs ~100 µs a call, more than a small seed's
-        # compute. Hooks registered on a seed module therefore do not run.
-        self._seed_calls: list[Callable[[torch.Tensor], torch.Tensor] | None] = [None] * num_seeds
-        self._errors = [0] * num_seeds
-        self._last_error: list[str | None] = [None] * num_seeds
-        self._ramps: dict[int, AlphaRamp] = {}
+        # Forward decides from these records, never from device tensors.
+        self._slots = [SeedSlot() for _ in range(num_seeds)]
+        self._states = SlotStates(self._slots)
         self._running_lerp: tuple[int, ...] = ()
         self._running_add: tuple[int, ...] = ()
         self.lifecycle = LifecycleManager(name, self.layout, self._states)
         self._dormant_bypass = dormant_bypass
         self._route()
+        self.register_load_state_dict_post_hook(KasminaLayer._after_load)
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,18 +147,20 @@ class KasminaLayer(nn.Module):
         host = self.base_layer(x)
         if torch.compiler.is_compiling():
             return self._blend_from_buffer(x, host)
-        # α by value from the Python mirror: one fused add per seed instead of a clone, an index
+        # α by value from the slot records: one fused add per seed instead of a clone, an index
         # and a multiply (~2 % of a 512-wide MLP's step). Taken before any seed runs: α may be
         # written before backward does (a ramp, seed_alpha_forced, or the breaker tripping inside
         # this very forward), and this output must be the one computed with the α read here.
-        alphas = self._alphas.copy()
+        slots, lerp, add = self._slots, self._running_lerp, self._running_add
+        lerp_alphas = [slots[i].alpha for i in lerp]
+        add_alphas = [slots[i].alpha for i in add]
         out = host
-        if self._running_lerp:
-            out = host * (1.0 - sum(alphas[i] for i in self._running_lerp))
-            for i in self._running_lerp:
-                out = torch.add(out, self._seed_output(i, x, host, lerp=True), alpha=alphas[i])
-        for i in self._running_add:
-            out = torch.add(out, self._seed_output(i, x, host, lerp=False), alpha=alphas[i])
+        if lerp:
+            out = host * (1.0 - sum(lerp_alphas))
+            for i, alpha in zip(lerp, lerp_alphas, strict=True):
+                out = torch.add(out, self._seed_output(i, x, host, lerp=True), alpha=alpha)
+        for i, alpha in zip(add, add_alphas, strict=True):
+            out = torch.add(out, self._seed_output(i, x, host, lerp=False), alpha=alpha)
         return out
 
     def _blend_from_buffer(self, x: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
@@ -142,9 +180,10 @@ class KasminaLayer(nn.Module):
         return out
 
     def _seed_output(self, i: int, x: torch.Tensor, host: torch.Tensor, lerp: bool) -> torch.Tensor:
-        module = self._seed_calls[i]
+        slot = self._slots[i]
+        module = slot.call
         assert module is not None
-        seed_in = x.detach() if self._isolate[i] else x
+        seed_in = x.detach() if slot.grad_isolation else x
         try:
             if self.signature.kind == "linear" and seed_in.dim() != 2:
                 # Kernels are exported for [batch, features]; fold any leading dims into batch.
@@ -181,53 +220,76 @@ class KasminaLayer(nn.Module):
 
     def _record_error(self, i: int, message: str) -> None:
         """Count an error seen in Python (an exception, or a non-finite output read on the CPU);
-        at the threshold the circuit breaker retires the seed at once."""
-        self._errors[i] += 1
-        self._last_error[i] = message
+        at the threshold the circuit breaker retires the seed at once.
+
+        The count is the layout's, which also holds the errors counted on the device: reading it
+        back costs nothing on the CPU and one sync elsewhere, paid only on this error path, at
+        most `error_threshold` times per seed."""
+        slot = self._slots[i]
+        slot.last_error = message
         self.layout.error_count[i] += 1
         log.warning(
             "seed %d of layer %r fell back to the host output (%s)", i, self.layer_name, message
         )
-        if self._errors[i] >= self.error_threshold and self._states[i] in RUNNING_STATES:
-            self._trip(i, f"{self._errors[i]} errors, last: {message}")
+        if slot.state in RUNNING_STATES:
+            errors = int(self.layout.error_count[i])
+            if errors >= self.error_threshold:
+                self._trip(i, f"{errors} errors, last: {message}")
 
     # ----------------------------------------------------------- introspection
     def check_index(self, seed: int) -> None:
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < self.num_seeds:
-            raise SeedIndexError(self.layer_name, seed, self.num_seeds)
+        check_seed_index(self.layer_name, seed, self.num_seeds)
 
     def seed_info(self, seed: int) -> SeedInfo:
         self.check_index(seed)
+        slot = self._slots[seed]
         return SeedInfo(
             self.layer_name,
             seed,
-            self._states[seed],
-            self._alphas[seed],
-            self._kernel_ids[seed],
-            self._blend[seed],
-            self._isolate[seed],
-            self._last_error[seed],
+            slot.state,
+            slot.alpha,
+            slot.kernel_id,
+            slot.blend,
+            slot.grad_isolation,
+            slot.last_error,
         )
 
     def seed_module(self, seed: int) -> nn.Module | None:
         self.check_index(seed)
-        return self._modules_by_seed[seed]
+        key = str(seed)
+        return self.seeds[key] if key in self.seeds else None  # noqa: SIM401 (ModuleDict: no get)
 
     def free_seeds(self) -> list[int]:
-        return [i for i, s in enumerate(self._states) if s is SeedState.DORMANT]
+        return [i for i, slot in enumerate(self._slots) if slot.state is SeedState.DORMANT]
 
     @property
     def all_dormant(self) -> bool:
-        """Every slot empty: a step has nothing to advance (list.count runs in C, so this check
-        is cheap enough to make once per layer per training step)."""
-        return self._states.count(SeedState.DORMANT) == len(self._states)
+        """Every slot empty: a step has nothing to advance (one comparison, see SlotStates, so
+        this check is cheap enough to make once per layer per training step)."""
+        return self._states.occupied == 0
 
     def running_seeds(self) -> tuple[int, ...]:
-        return tuple(i for i, s in enumerate(self._states) if s in RUNNING_STATES)
+        return tuple(i for i, slot in enumerate(self._slots) if slot.state in RUNNING_STATES)
+
+    def contribution(self, seed: int) -> float:
+        """The seed's last measured contribution, as recorded; NaN while there is none."""
+        self.check_index(seed)
+        return self._slots[seed].contribution
+
+    def record_contribution(self, seed: int, value: float) -> None:
+        """Record a measured contribution (NaN: none), kept until the next one or until the slot
+        is emptied; checkpoints carry it."""
+        self.check_index(seed)
+        self._write_contribution(seed, float(value))
+
+    def _write_contribution(self, seed: int, value: float) -> None:
+        self._slots[seed].contribution = value
+        self.layout.contribution[seed] = value
 
     def _describe(self, seed: int) -> str:
-        kid = self._kernel_ids[seed]
-        return f"seed {seed} of layer {self.layer_name!r} is {self._states[seed].name}" + (
+        slot = self._slots[seed]
+        kid = slot.kernel_id
+        return f"seed {seed} of layer {self.layer_name!r} is {slot.state.name}" + (
             f" (kernel {kid})" if kid else ""
         )
 
@@ -243,11 +305,11 @@ class KasminaLayer(nn.Module):
             raise AlphaRangeError(
                 f"α={alpha!r} for seed {seed} of layer {self.layer_name!r} is outside [0, 1]"
             )
-        if (blend or self._blend[seed]) is BlendMode.LERP:
+        if (blend or self._slots[seed].blend) is BlendMode.LERP:
             others = sum(
-                max(self._alphas[j], self._ramps[j].target if j in self._ramps else 0.0)
-                for j in self.running_seeds()
-                if j != seed and self._blend[j] is BlendMode.LERP
+                max(slot.alpha, slot.ramp.target if slot.ramp is not None else 0.0)
+                for j, slot in enumerate(self._slots)
+                if j != seed and slot.state in RUNNING_STATES and slot.blend is BlendMode.LERP
             )
             if others + alpha > 1 + LERP_TOLERANCE:
                 raise LerpBudgetError(
@@ -257,17 +319,18 @@ class KasminaLayer(nn.Module):
 
     def set_alpha(self, seed: int, alpha: float) -> None:
         self.check_index(seed)
-        if self._states[seed] is SeedState.RETIRING:
+        slot = self._slots[seed]
+        if slot.state is SeedState.RETIRING:
             # Writing α would cancel the retirement ramp and leave the seed RETIRING for good.
             raise SeedStateError(f"cannot set α: {self._describe(seed)}")
-        if self._states[seed] is not SeedState.ACTIVE:
+        if slot.state is not SeedState.ACTIVE:
             raise SeedStateError(f"cannot set α: {self._describe(seed)}; load a kernel first")
         self.check_alpha(seed, alpha)
-        self._ramps.pop(seed, None)
+        slot.ramp = None
         self._write_alpha(seed, float(alpha))
 
     def _write_alpha(self, seed: int, alpha: float) -> None:
-        self._alphas[seed] = alpha
+        self._slots[seed].alpha = alpha
         self.layout.alpha[seed].fill_(alpha)  # in place: compiled graphs keep reading the buffer
 
     @contextlib.contextmanager
@@ -275,7 +338,7 @@ class KasminaLayer(nn.Module):
         """Run as if the seed's α were `alpha`, then put its α back (no checks of state or lerp
         budget: a counterfactual evaluation, see MorphableModel.seed_alpha_forced)."""
         self.check_index(seed)
-        saved = self._alphas[seed]
+        saved = self._slots[seed].alpha
         self._write_alpha(seed, float(alpha))
         try:
             yield
@@ -284,16 +347,17 @@ class KasminaLayer(nn.Module):
 
     def start_ramp(self, seed: int, target: float, steps: int, shape: RampShape = "linear") -> None:
         self.check_index(seed)
-        if self._states[seed] is not SeedState.ACTIVE:
+        slot = self._slots[seed]
+        if slot.state is not SeedState.ACTIVE:
             raise SeedStateError(f"cannot ramp α: {self._describe(seed)}")
         self.check_alpha(seed, target)
-        self._ramps[seed] = AlphaRamp(self._alphas[seed], float(target), steps, shape)
+        slot.ramp = AlphaRamp(slot.alpha, float(target), steps, shape)
 
     # -------------------------------------------------------------- lifecycle
     def begin_load(self, seed: int, reason: str) -> None:
         """DORMANT → ALLOCATED. The caller then fetches the kernel and calls mark_loading/attach."""
         self.check_index(seed)
-        if self._states[seed] is not SeedState.DORMANT:
+        if self._slots[seed].state is not SeedState.DORMANT:
             raise SeedStateError(f"cannot load: {self._describe(seed)}; retire it first")
         self.lifecycle.transition(seed, SeedState.ALLOCATED, reason)
 
@@ -301,13 +365,14 @@ class KasminaLayer(nn.Module):
         self.check_index(seed)
         reason = f"fetching kernel {kernel_id}"
         self.lifecycle.transition(seed, SeedState.LOADING, reason, kernel_id)
-        self._kernel_ids[seed] = kernel_id
+        self._slots[seed].kernel_id = kernel_id
 
     def fail_load(self, seed: int, reason: str) -> None:
         self.check_index(seed)
         self.lifecycle.check(seed, SeedState.DORMANT)  # before any write: ACTIVE → DORMANT raises
-        kernel_id = self._kernel_ids[seed]
-        self._kernel_ids[seed] = None
+        slot = self._slots[seed]
+        kernel_id = slot.kernel_id
+        slot.kernel_id = None
         self.lifecycle.transition(seed, SeedState.DORMANT, f"load failed: {reason}", kernel_id)
 
     def attach(
@@ -321,21 +386,19 @@ class KasminaLayer(nn.Module):
     ) -> None:
         """LOADING → ACTIVE with a module the executor has already checked against this host."""
         self.check_index(seed)
-        if self._states[seed] is not SeedState.LOADING:
+        slot = self._slots[seed]
+        if slot.state is not SeedState.LOADING:
             raise SeedStateError(f"cannot attach: {self._describe(seed)}")
         self.check_alpha(seed, alpha, blend)
-        self.seeds[str(seed)] = module
-        self._modules_by_seed[seed] = module
-        self._seed_calls[seed] = module.forward
-        self._blend[seed] = blend
-        self._isolate[seed] = grad_isolation
-        self._errors[seed] = 0
-        self._last_error[seed] = None
-        self.layout.error_count[seed] = 0
-        self.layout.contribution[seed] = float("nan")
+        kernel_id = slot.kernel_id  # named by mark_loading; nothing else of the slot carries over
+        self._reset_slot(seed)
+        slot.kernel_id = kernel_id
+        slot.blend = blend
+        slot.grad_isolation = grad_isolation
+        self._seat(seed, module)
         self._write_alpha(seed, float(alpha))
         self.lifecycle.transition(
-            seed, SeedState.ACTIVE, f"kernel loaded, blend={blend.value}", self._kernel_ids[seed]
+            seed, SeedState.ACTIVE, f"kernel loaded, blend={blend.value}", kernel_id
         )
         self._refresh_running()
 
@@ -344,51 +407,71 @@ class KasminaLayer(nn.Module):
     ) -> None:
         """ACTIVE → RETIRING; with ramp_steps, α ramps to 0 in advance() before it recycles."""
         self.check_index(seed)
-        if self._states[seed] is SeedState.RETIRING and ramp_steps == 0:
+        slot = self._slots[seed]
+        if slot.state is SeedState.RETIRING and ramp_steps == 0:
             self._recycle(seed, reason)  # finish a retirement that was ramping
             return
-        if self._states[seed] is not SeedState.ACTIVE:
+        if slot.state is not SeedState.ACTIVE:
             raise SeedStateError(f"cannot retire: {self._describe(seed)}")
         if ramp_steps < 0:
             raise ConfigError(f"ramp_steps must be ≥ 0, got {ramp_steps}")
         # Build the ramp first: a bad shape must raise before the seed has left ACTIVE.
         ramp = (
-            AlphaRamp(self._alphas[seed], 0.0, ramp_steps, shape, then_retire=True)
-            if ramp_steps
-            else None
+            AlphaRamp(slot.alpha, 0.0, ramp_steps, shape, then_retire=True) if ramp_steps else None
         )
-        self.lifecycle.transition(seed, SeedState.RETIRING, reason, self._kernel_ids[seed])
-        self._ramps.pop(seed, None)
+        self.lifecycle.transition(seed, SeedState.RETIRING, reason, slot.kernel_id)
+        slot.ramp = ramp
         if ramp is None:
             self._recycle(seed, reason)
-        else:
-            self._ramps[seed] = ramp
 
     def _recycle(self, seed: int, reason: str) -> None:
         self.recycled += 1
-        kernel_id = self._kernel_ids[seed]
+        kernel_id = self._slots[seed].kernel_id
         self._write_alpha(seed, 0.0)
         self.lifecycle.transition(seed, SeedState.RECYCLING, reason, kernel_id)
         self._refresh_running()
-        self._ramps.pop(seed, None)
-        del self.seeds[str(seed)]
-        self._modules_by_seed[seed] = None
-        self._seed_calls[seed] = None
-        self._kernel_ids[seed] = None
+        self._reset_slot(seed)
         self.lifecycle.transition(seed, SeedState.DORMANT, "slot recycled", kernel_id)
+
+    def _reset_slot(self, seed: int) -> None:
+        """Return a slot to a fresh one, all but its lifecycle state (LifecycleManager's to
+        write): no module, α 0, no contribution, no errors, no ramp, default blend and isolation,
+        no kernel id. The one reset: attach and recycle use it, and so does a checkpoint restore,
+        which goes through them. Nothing of an earlier seed outlives it."""
+        self._seat(seed, None)
+        self._write_alpha(seed, 0.0)
+        self._write_contribution(seed, math.nan)
+        self.layout.error_count[seed] = 0
+        slot, fresh = self._slots[seed], SeedSlot()
+        for name in _PLAIN_FIELDS:
+            setattr(slot, name, getattr(fresh, name))
+
+    def _seat(self, seed: int, module: nn.Module | None) -> None:
+        """Put `module` (None: none) in the slot: the module kept once, in `seeds`, and the call
+        path forward takes derived from it here alone (see SeedSlot.call)."""
+        key = str(seed)
+        if key in self.seeds:
+            del self.seeds[key]
+        if module is None:
+            self._slots[seed].call = None
+        else:
+            self.seeds[key] = module
+            self._slots[seed].call = module.forward
 
     def _trip(self, seed: int, why: str) -> None:
         log.error("circuit breaker: retiring seed %d of layer %r: %s", seed, self.layer_name, why)
-        if self._states[seed] is SeedState.ACTIVE:
+        slot = self._slots[seed]
+        if slot.state is SeedState.ACTIVE:
             self.lifecycle.transition(
-                seed, SeedState.RETIRING, f"circuit breaker: {why}", self._kernel_ids[seed]
+                seed, SeedState.RETIRING, f"circuit breaker: {why}", slot.kernel_id
             )
         self._recycle(seed, f"circuit breaker: {why}")
 
     def _refresh_running(self) -> None:
-        running = [i for i, s in enumerate(self._states) if s in RUNNING_STATES]
-        self._running_lerp = tuple(i for i in running if self._blend[i] is BlendMode.LERP)
-        self._running_add = tuple(i for i in running if self._blend[i] is BlendMode.ADD)
+        slots = self._slots
+        running = [i for i, slot in enumerate(slots) if slot.state in RUNNING_STATES]
+        self._running_lerp = tuple(i for i in running if slots[i].blend is BlendMode.LERP)
+        self._running_add = tuple(i for i in running if slots[i].blend is BlendMode.ADD)
         self._route()
 
     @property
@@ -414,10 +497,13 @@ class KasminaLayer(nn.Module):
         if self.all_dormant:
             return
         self.layout.steps_in_state += (self.layout.state != 0).to(torch.int64)
-        for seed, ramp in list(self._ramps.items()):
+        for seed, slot in enumerate(self._slots):
+            ramp = slot.ramp
+            if ramp is None:
+                continue
             self._write_alpha(seed, ramp.advance())
             if ramp.done:
-                del self._ramps[seed]
+                slot.ramp = None
                 if ramp.then_retire:
                     self._recycle(seed, "retirement ramp finished")
 
@@ -429,23 +515,25 @@ class KasminaLayer(nn.Module):
         counts = self.layout.error_count.tolist()
         for seed in running:
             if counts[seed] >= self.error_threshold:
-                why = self._last_error[seed] or "non-finite output"
+                why = self._slots[seed].last_error or "non-finite output"
                 self._trip(seed, f"{counts[seed]} errors, last: {why}")
 
     # ----------------------------------------------------------- checkpoints
     def get_extra_state(self) -> dict[str, Any]:
+        # α and the contribution as the records hold them: the float32 buffers would round them.
         return {
             "version": 1,
             "seeds": [
                 {
-                    "state": self._states[i].name,
-                    "kernel_id": self._kernel_ids[i],
-                    "blend": self._blend[i].value,
-                    "grad_isolation": self._isolate[i],
-                    "alpha": self._alphas[i],
-                    "ramp": self._ramps[i].to_dict() if i in self._ramps else None,
+                    "state": slot.state.name,
+                    "kernel_id": slot.kernel_id,
+                    "blend": slot.blend.value,
+                    "grad_isolation": slot.grad_isolation,
+                    "alpha": slot.alpha,
+                    "ramp": slot.ramp.to_dict() if slot.ramp is not None else None,
+                    "contribution": slot.contribution,
                 }
-                for i in range(self.num_seeds)
+                for slot in self._slots
             ],
         }
 
@@ -468,13 +556,14 @@ class KasminaLayer(nn.Module):
         kernel_id, blend = saved["kernel_id"], BlendMode(saved["blend"])
         # A seed already holding this kernel is kept (its parameters are overwritten next), unless
         # it is retiring and the checkpoint's is not: RETIRING has no edge back to ACTIVE.
+        slot = self._slots[i]
         same = (
-            self._states[i] in RUNNING_STATES
-            and self._kernel_ids[i] == kernel_id
-            and self._blend[i] is blend
-            and not (self._states[i] is SeedState.RETIRING and want is SeedState.ACTIVE)
+            slot.state in RUNNING_STATES
+            and slot.kernel_id == kernel_id
+            and slot.blend is blend
+            and not (slot.state is SeedState.RETIRING and want is SeedState.ACTIVE)
         )
-        if self._states[i] in RUNNING_STATES and not (same and want in RUNNING_STATES):
+        if slot.state in RUNNING_STATES and not (same and want in RUNNING_STATES):
             self.retire(i, "restoring checkpoint")  # immediate: RETIRING → RECYCLING → DORMANT
         # ALLOCATED/LOADING/RECYCLING are moments inside an operation: they restore as DORMANT.
         if want not in RUNNING_STATES:
@@ -494,13 +583,30 @@ class KasminaLayer(nn.Module):
                 raise
             self.attach(i, module, blend=blend, grad_isolation=bool(saved["grad_isolation"]))
         self._write_alpha(i, float(saved["alpha"]))
-        self._isolate[i] = bool(saved["grad_isolation"])
-        self._ramps.pop(i, None)
-        if saved.get("ramp"):
-            self._ramps[i] = AlphaRamp.from_dict(saved["ramp"])
-        if want is SeedState.RETIRING and self._states[i] is SeedState.ACTIVE:
+        slot.grad_isolation = bool(saved["grad_isolation"])
+        slot.ramp = AlphaRamp.from_dict(saved["ramp"]) if saved.get("ramp") else None
+        if "contribution" in saved:  # absent from earlier checkpoints: see _after_load
+            self._write_contribution(i, float(saved["contribution"]))
+        if want is SeedState.RETIRING and slot.state is SeedState.ACTIVE:
             self.lifecycle.transition(i, SeedState.RETIRING, "restoring checkpoint", kernel_id)
             self._refresh_running()
+
+    @staticmethod
+    def _after_load(module: nn.Module, _incompatible_keys: Any) -> None:
+        """After a load the layout's contribution buffer holds the stored value. A record it does
+        not match (a checkpoint written before the extra state carried the exact value) takes
+        the buffer's; one that rounds to it keeps its exact value. One read of the buffer per
+        layer (a sync off the CPU), at load time only."""
+        assert isinstance(module, KasminaLayer)
+        buffer = module.layout.contribution
+        if buffer.is_meta:
+            return  # nothing was loaded into it, and there is nothing to read
+        stored = buffer.tolist()
+        exact = [slot.contribution for slot in module._slots]
+        rounded = torch.tensor(exact, dtype=buffer.dtype).tolist()
+        for i, (have, want) in enumerate(zip(rounded, stored, strict=True)):
+            if have != want and not (math.isnan(have) and math.isnan(want)):
+                module._write_contribution(i, want)
 
     def extra_repr(self) -> str:
         return f"name={self.layer_name!r}, num_seeds={self.num_seeds}"

@@ -6,9 +6,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from esper.exceptions import IllegalTransitionError, SeedIndexError
-from esper.kasmina.state import StateLayout
+from esper.exceptions import IllegalTransitionError
+from esper.kasmina.state import StateLayout, check_seed_index
 from esper.kasmina.states import LEGAL_TRANSITIONS, SeedState
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,18 @@ class LifecycleEvent:
 Listener = Callable[[LifecycleEvent], None]
 
 
+class StateMirror(Protocol):
+    """The Python-side states forward reads: a list, or KasminaLayer's view of its slot records."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, seed: int, /) -> SeedState: ...
+    def __setitem__(self, seed: int, state: SeedState, /) -> None: ...
+
+
 class LifecycleManager:
     """Validates and applies every state change of one layer's seeds, and reports each one."""
 
-    def __init__(self, layer_name: str, layout: StateLayout, mirror: list[SeedState]) -> None:
+    def __init__(self, layer_name: str, layout: StateLayout, mirror: StateMirror) -> None:
         self.layer_name = layer_name
         self._layout = layout
         self._mirror = mirror  # the Python-side copy that forward reads
@@ -43,9 +52,7 @@ class LifecycleManager:
         return self._mirror[seed]
 
     def check(self, seed: int, to_state: SeedState) -> None:
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < len(self._mirror):
-            # A negative index would silently alias another seed through Python list indexing.
-            raise SeedIndexError(self.layer_name, seed, len(self._mirror))
+        check_seed_index(self.layer_name, seed, len(self._mirror))
         current = self._mirror[seed]
         if to_state not in LEGAL_TRANSITIONS[current]:
             allowed = ", ".join(s.name for s in sorted(LEGAL_TRANSITIONS[current]))

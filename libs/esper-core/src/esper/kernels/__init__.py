@@ -5,15 +5,9 @@ from typing import TYPE_CHECKING
 from esper._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from esper.kernels.artifact import (
-        KERNEL_ID_RE,
-        KernelArtifact,
-        KernelFormat,
-        KernelMeta,
-        digest_of,
-        sign,
-        verify,
-    )
+    from esper.contracts.kernels import KernelMeta
+    from esper.contracts.vocabulary import KERNEL_ID_RE, KernelFormat
+    from esper.kernels.artifact import KernelArtifact, digest_of, sign, verify
     from esper.kernels.cache import CachedKernel, KernelCache, KernelSource
     from esper.kernels.executor import KernelExecutor, clone_module, deserialize, serialize
     from esper.kernels.http_tier import HttpTierStats, UrzaKernelTier
@@ -43,10 +37,11 @@ __all__ = [
 ]
 
 _WHERE = {
-    "KERNEL_ID_RE": "esper.kernels.artifact",
+    # The wire types are contracts; they are here too because they were before they moved.
+    "KERNEL_ID_RE": "esper.contracts.vocabulary",
+    "KernelFormat": "esper.contracts.vocabulary",
+    "KernelMeta": "esper.contracts.kernels",
     "KernelArtifact": "esper.kernels.artifact",
-    "KernelFormat": "esper.kernels.artifact",
-    "KernelMeta": "esper.kernels.artifact",
     "digest_of": "esper.kernels.artifact",
     "sign": "esper.kernels.artifact",
     "verify": "esper.kernels.artifact",

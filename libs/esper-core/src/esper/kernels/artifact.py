@@ -5,18 +5,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
-import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from esper.contracts.kernels import KernelMeta
 from esper.exceptions import DigestMismatchError, SignatureMismatchError
-from esper.signature import HostSignature
-
-KernelFormat = Literal["export", "torchscript"]
-KERNEL_ID_RE = re.compile(r"^krn_[0-9a-f]{24}$")
 
 
 def kernel_id_for(payload: dict[str, Any]) -> str:
@@ -27,28 +20,6 @@ def kernel_id_for(payload: dict[str, Any]) -> str:
 
 def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-class KernelMeta(BaseModel):
-    """What a registry knows about a kernel; `digest` and `hmac_sha256` vouch for its bytes."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kernel_id: str = Field(pattern=KERNEL_ID_RE.pattern)
-    name: str
-    format: KernelFormat
-    host: HostSignature
-    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
-    size_bytes: int = Field(ge=0)
-    hmac_sha256: str | None = None
-    blueprint: str | None = None
-    blueprint_version: int | None = None
-    default_blend: Literal["add", "lerp"] = "add"
-    params: int = 0
-    flops: int = 0
-    latency_us: float = 0.0
-    created_at: float = Field(default_factory=time.time)
-    lineage: dict[str, Any] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)

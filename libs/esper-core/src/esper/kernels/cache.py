@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from esper._sync import run_sync
+from esper.contracts.kernels import KernelMeta
+from esper.contracts.vocabulary import KERNEL_ID_RE
 from esper.exceptions import ArtifactError, KernelFetchError, UnknownKernelError
-from esper.kernels.artifact import KERNEL_ID_RE, KernelArtifact, KernelMeta, verify
+from esper.kernels.artifact import KernelArtifact, verify
 from esper.kernels.executor import deserialize
 
 log = logging.getLogger(__name__)

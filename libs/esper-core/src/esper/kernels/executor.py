@@ -18,9 +18,10 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from esper.contracts.kernels import HostSignature
+from esper.contracts.vocabulary import KernelFormat
 from esper.exceptions import CorruptArtifactError, KernelDtypeError, KernelShapeError
-from esper.kernels.artifact import KernelArtifact, KernelFormat
-from esper.signature import HostSignature
+from esper.kernels.artifact import KernelArtifact
 
 EXAMPLE_BATCH = 5  # distinct from the spatial example sizes, so export does not unify the dims
 PROBE_SEED = 0x5EED
@@ -55,20 +56,48 @@ _EXPORT_LOCK = threading.Lock()
 
 def serialize(module: nn.Module, host: HostSignature, fmt: KernelFormat) -> bytes:
     """Export (batch, and for conv H and W, dynamic) or script `module`; return the file bytes."""
-    module = module.train()
-    buffer = io.BytesIO()
     if fmt == "export":
-        dims: dict[int, Any] = {0: Dim.AUTO}
-        if host.kind == "conv2d":
-            dims.update({2: Dim.AUTO, 3: Dim.AUTO})
-        with _EXPORT_LOCK:
-            program = torch.export.export(module, (example_input(host),), dynamic_shapes=(dims,))
-            torch.export.save(program, buffer)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.save(torch.jit.script(module), buffer)
+        return save_program(export_program(module, host))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(module.train()), buffer)
     return buffer.getvalue()
+
+
+def export_program(module: nn.Module, host: HostSignature) -> torch.export.ExportedProgram:
+    """torch.export of `module` (train mode) with the batch, and for conv H and W, dynamic."""
+    dims: dict[int, Any] = {0: Dim.AUTO}
+    if host.kind == "conv2d":
+        dims.update({2: Dim.AUTO, 3: Dim.AUTO})
+    # FakeTensor's dispatch cache lives on each export's own ShapeEnv, so an entry is never
+    # reused by a later compile, and making one re-synthesizes and checks every symbolic
+    # output: 20-40 % of an export's time (conv blueprints, whose H and W are dynamic). The
+    # cache only memoizes, so the program and its bytes are the same without it.
+    with _EXPORT_LOCK, torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
+        return torch.export.export(module.train(), (example_input(host),), dynamic_shapes=(dims,))
+
+
+def save_program(program: torch.export.ExportedProgram) -> bytes:
+    """The artifact bytes of an exported program (torch.export.save's archive)."""
+    buffer = io.BytesIO()
+    with _EXPORT_LOCK:
+        torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def program_module(program: torch.export.ExportedProgram) -> nn.Module:
+    """The trainable module of an exported program, as `deserialize` gives it for its bytes."""
+    module: nn.Module = program.module()
+    # ExportedProgram.module() shadows train()/eval() with methods that raise, so a model
+    # holding the kernel as a submodule could no longer call model.train() or model.eval().
+    # The graph has no modes (blueprints have no dropout or batch norm), so nn.Module's own
+    # train()/eval(), which only set the flag, are correct.
+    for name in ("train", "eval"):
+        module.__dict__.pop(name, None)
+    if isinstance(module, torch.fx.GraphModule):
+        _drop_call_wrapping(module)
+    return module
 
 
 def deserialize(artifact: KernelArtifact) -> nn.Module:
@@ -79,15 +108,7 @@ def deserialize(artifact: KernelArtifact) -> nn.Module:
             warnings.simplefilter("ignore", DeprecationWarning)
             if meta.format == "export":
                 with _EXPORT_LOCK:
-                    module: nn.Module = torch.export.load(io.BytesIO(artifact.data)).module()
-                # ExportedProgram.module() shadows train()/eval() with methods that raise, so a
-                # model holding the kernel as a submodule could no longer call model.train() or
-                # model.eval(). The graph has no modes (blueprints have no dropout or batch norm),
-                # so nn.Module's own train()/eval(), which only set the flag, are correct.
-                for name in ("train", "eval"):
-                    module.__dict__.pop(name, None)
-                if isinstance(module, torch.fx.GraphModule):
-                    _drop_call_wrapping(module)
+                    module: nn.Module = program_module(torch.export.load(io.BytesIO(artifact.data)))
             else:
                 module = torch.jit.load(io.BytesIO(artifact.data), map_location="cpu")
     except Exception as err:

@@ -4,39 +4,38 @@
     GET {base}/kernels/{id}/artifact       200 bytes + X-Esper-Kernel-Meta (base64url meta JSON),
                                            X-Esper-Digest, X-Esper-Signature | 404 unknown
 
-Transport errors and 429/502/503/504 are retried (exponential backoff, full jitter, a numeric
-Retry-After honoured up to `backoff_max_s`). Requests that still fail feed a circuit breaker, so a
-dead Urza costs one exception per call, not `retries` timeouts.
+Each request is one call of `esper.client.UrzaClient` (the HTTP, bearer token and error parsing
+every client of Urza shares). This tier adds the policy: no answer and 429/502/503/504 are retried
+(exponential backoff with full jitter, `esper._backoff`; a numeric Retry-After honoured up to
+`backoff_max_s`). Requests that still fail feed a circuit breaker, so a dead Urza costs one
+exception per call, not `retries` timeouts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import math
-import random
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import ValidationError
 
-from esper.exceptions import ArtifactError, ConfigError, KernelFetchError
+from esper._backoff import Backoff
+from esper.client.urza import DEFAULT_TIMEOUT_S, UrzaClient
+from esper.exceptions import ConfigError, KernelFetchError, ServiceError, ServiceUnreachableError
 from esper.kernels._loops import PerLoop
-from esper.kernels.artifact import KernelArtifact, KernelMeta
+from esper.kernels.artifact import KernelArtifact
 from esper.kernels.cache import KernelSource
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BreakerState = Literal["closed", "open", "half_open"]
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
-META_HEADER = "X-Esper-Kernel-Meta"
-DIGEST_HEADER = "X-Esper-Digest"
-SIGNATURE_HEADER = "X-Esper-Signature"
 
 
 @dataclass
@@ -129,7 +128,7 @@ class UrzaKernelTier(KernelSource):
         base_url: str,
         *,
         token: str | None = None,
-        timeout_s: float = 10.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         retries: int = 3,
         backoff_s: float = 0.05,
         backoff_max_s: float = 2.0,
@@ -156,105 +155,90 @@ class UrzaKernelTier(KernelSource):
         self.retries = retries
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._token = token
         self._transport = transport
+        self._backoff = Backoff(backoff_s, backoff_max_s)
         self._stats = HttpTierStats()
         self._breaker = _Breaker(breaker_threshold, breaker_reset_s, self._stats)
-        self._clients: PerLoop[httpx.AsyncClient] = PerLoop(self._connect, _close_client)
+        self._clients: PerLoop[UrzaClient] = PerLoop(self._connect, _close_client)
 
-    def _connect(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            headers=self._headers, timeout=self.timeout_s, transport=self._transport
+    def _connect(self) -> UrzaClient:
+        return UrzaClient(
+            self.base_url, token=self._token, timeout_s=self.timeout_s, transport=self._transport
         )
 
     # ------------------------------------------------------------------ KernelSource
     async def resolve(self, ref: str) -> str | None:
-        response = await self._get(f"/kernels/{quote(ref, safe='')}")
-        if response is None:
-            return None
-        return _meta_from_body(response).kernel_id
+        meta = await self._ask(f"/kernels/{quote(ref, safe='')}", lambda urza: urza.kernel(ref))
+        return None if meta is None else meta.kernel_id
 
     async def fetch(self, kernel_id: str) -> KernelArtifact | None:
         path = f"/kernels/{quote(kernel_id, safe='')}"
-        response = await self._get(f"{path}/artifact")
-        if response is None:
+        download = await self._ask(f"{path}/artifact", lambda urza: urza.download(kernel_id))
+        if download is None:
             return None
-        meta = _meta_from_header(response)
+        meta = download.meta
         if meta is None:
-            described = await self._get(path)
-            if described is None:  # deleted between the two requests
+            meta = await self._ask(path, lambda urza: urza.kernel(kernel_id))
+            if meta is None:  # deleted between the two requests
                 return None
-            meta = _meta_from_body(described)
-        if meta.kernel_id != kernel_id:
-            raise ArtifactError(
-                f"GET {response.url}: Urza sent kernel {meta.kernel_id} when asked for {kernel_id}"
-            )
-        digest = response.headers.get(DIGEST_HEADER)
-        if digest is not None and digest != meta.digest:
-            raise ArtifactError(
-                f"GET {response.url}: kernel {kernel_id}: {DIGEST_HEADER} {digest} contradicts "
-                f"its meta's digest {meta.digest}"
-            )
-        signature = response.headers.get(SIGNATURE_HEADER)
-        if signature and meta.hmac_sha256 is None:
-            # The cache checks the HMAC against its own key, so taking it from a header is safe.
-            meta = meta.model_copy(update={"hmac_sha256": signature})
-        return KernelArtifact(meta, response.content)
+        return download.artifact(meta)
 
     # ------------------------------------------------------------------ requests
-    async def _get(self, path: str) -> httpx.Response | None:
-        """The 200 response, or None for a 404; anything else is a KernelFetchError."""
+    async def _ask(self, path: str, request: Callable[[UrzaClient], Awaitable[T]]) -> T | None:
+        """Urza's answer, or None for a 404; anything else is a KernelFetchError."""
         url = self.base_url + path
         trial = self._breaker.admit(f"GET {url}")
         self._stats.requests += 1
         try:
-            response = await self._send(url, 1 if trial else self.retries + 1)
+            answer = await self._attempts(url, request, 1 if trial else self.retries + 1)
         except _Unavailable as err:
             self._stats.failures += 1
             self._breaker.failed(trial)
             raise KernelFetchError(str(err)) from err.__cause__
+        except ServiceError as err:
+            # Any answer that is not retryable means Urza is up, whatever it said.
+            self._breaker.succeeded()
+            if err.status == 404:
+                if err.type != "unknown_kernel":
+                    log.warning(
+                        "GET %s: 404 without an unknown_kernel error: is the URL right?", url
+                    )
+                return None
+            self._stats.failures += 1
+            raise KernelFetchError(f"GET {url}: HTTP {err.status}: {err.message}") from err
         except BaseException:
             self._breaker.abandoned(trial)
             raise
-        # Any answer that is not retryable means Urza is up, whatever it said.
         self._breaker.succeeded()
-        if response.status_code == 200:
-            return response
-        if response.status_code == 404:
-            if _error_type(response) != "unknown_kernel":
-                log.warning("GET %s: 404 without an unknown_kernel error: is the URL right?", url)
-            return None
-        self._stats.failures += 1
-        raise KernelFetchError(
-            f"GET {url}: HTTP {response.status_code}: {_error_message(response)}"
-        )
+        return answer
 
-    async def _send(self, url: str, attempts: int) -> httpx.Response:
-        client = await self._clients.get()
+    async def _attempts(
+        self, url: str, request: Callable[[UrzaClient], Awaitable[T]], attempts: int
+    ) -> T:
+        urza = await self._clients.get()
         failure = ""
-        cause: Exception | None = None
+        cause: BaseException | None = None
         delay = 0.0
         for attempt in range(attempts):
             if attempt:
                 self._stats.retries += 1
                 await asyncio.sleep(delay)
             try:
-                response = await client.get(url)
-            except httpx.TransportError as err:
-                failure, cause = f"{type(err).__name__}: {err}", err
-                delay = self._backoff(attempt)
-                continue
-            if response.status_code not in RETRYABLE_STATUSES:
-                return response
-            failure = f"HTTP {response.status_code}: {_error_message(response)}"
-            cause = None
-            delay = _retry_after(response, self.backoff_max_s) or self._backoff(attempt)
+                return await request(urza)
+            except ServiceUnreachableError as err:
+                failure, cause = err.message, err.__cause__
+                delay = self._backoff.delay(attempt)
+            except ServiceError as err:
+                if err.status not in RETRYABLE_STATUSES:
+                    raise
+                failure, cause = f"GET {url}: HTTP {err.status}: {err.message}", None
+                if err.retry_after_s:  # "Retry-After: 0" gets the backoff: retries stay spread
+                    delay = min(err.retry_after_s, self.backoff_max_s)
+                else:
+                    delay = self._backoff.delay(attempt)
         tries = f"{attempts} attempt" + ("s" if attempts > 1 else "")
-        raise _Unavailable(f"GET {url}: {failure} (after {tries})") from cause
-
-    def _backoff(self, attempt: int) -> float:
-        ceiling = min(self.backoff_max_s, self.backoff_s * 2 ** min(attempt, 30))
-        return random.uniform(0.0, ceiling)
+        raise _Unavailable(f"{failure} (after {tries})") from cause
 
     # ------------------------------------------------------------------ the rest
     @property
@@ -268,67 +252,5 @@ class UrzaKernelTier(KernelSource):
         return dict(vars(self._stats))
 
 
-def _retry_after(response: httpx.Response, cap: float) -> float | None:
-    """A numeric Retry-After in seconds, capped; None when absent or an HTTP date."""
-    value = response.headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    if not math.isfinite(seconds) or seconds < 0:
-        return None
-    return min(seconds, cap)
-
-
-def _error(response: httpx.Response) -> dict[str, object]:
-    try:
-        body = response.json()
-    except ValueError:  # not JSON, or not UTF-8
-        return {}
-    error = body.get("error") if isinstance(body, dict) else None
-    return error if isinstance(error, dict) else {}
-
-
-def _error_type(response: httpx.Response) -> str | None:
-    kind = _error(response).get("type")
-    return kind if isinstance(kind, str) else None
-
-
-def _error_message(response: httpx.Response) -> str:
-    message = _error(response).get("message")
-    if isinstance(message, str) and message:
-        return message
-    return response.text.strip()[:200] or response.reason_phrase
-
-
-def _meta_from_body(response: httpx.Response) -> KernelMeta:
-    try:
-        return KernelMeta.model_validate_json(response.content)
-    except ValidationError as err:
-        raise KernelFetchError(
-            f"GET {response.url}: the body is not a KernelMeta: {str(err)[:300]}"
-        ) from None
-
-
-def _meta_from_header(response: httpx.Response) -> KernelMeta | None:
-    encoded = response.headers.get(META_HEADER)
-    if encoded is None:
-        return None
-    try:
-        # Padding is restored, so a server that strips it is understood too.
-        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-        return KernelMeta.model_validate_json(raw)
-    except ValueError as err:  # binascii.Error and pydantic's ValidationError are ValueErrors
-        log.warning(
-            "GET %s: unreadable %s header (%s); asking for the meta",
-            response.url,
-            META_HEADER,
-            type(err).__name__,
-        )
-        return None
-
-
-async def _close_client(client: httpx.AsyncClient) -> None:
-    await client.aclose()
+async def _close_client(urza: UrzaClient) -> None:
+    await urza.aclose()

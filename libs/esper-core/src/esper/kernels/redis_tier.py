@@ -11,9 +11,10 @@ from pydantic import ValidationError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from esper.contracts.kernels import KernelMeta
 from esper.exceptions import ConfigError, DigestMismatchError
 from esper.kernels._loops import PerLoop
-from esper.kernels.artifact import KernelArtifact, KernelMeta, verify
+from esper.kernels.artifact import KernelArtifact, verify
 from esper.kernels.cache import KernelSource
 
 log = logging.getLogger(__name__)

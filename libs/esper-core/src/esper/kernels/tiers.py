@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+from esper.client.urza import DEFAULT_TIMEOUT_S
 from esper.exceptions import ConfigError
 from esper.kernels.cache import KernelCache, KernelSource
 from esper.kernels.http_tier import UrzaKernelTier
@@ -16,6 +17,7 @@ def tiered_cache(
     redis_url: str | None = None,
     urza_url: str | None = None,
     urza_token: str | None = None,
+    urza_timeout_s: float = DEFAULT_TIMEOUT_S,
     signing_key: bytes | None = None,
     max_bytes: int = 256 << 20,
     extra_sources: Sequence[KernelSource] = (),
@@ -28,7 +30,7 @@ def tiered_cache(
     if redis_url:
         sources.append(RedisKernelTier(redis_url))
     if urza_url:
-        sources.append(UrzaKernelTier(urza_url, token=urza_token))
+        sources.append(UrzaKernelTier(urza_url, token=urza_token, timeout_s=urza_timeout_s))
     sources.extend(extra_sources)
     # The cache keeps its counters by tier name: two tiers of one name would share them.
     repeated = sorted(name for name, n in Counter(s.name for s in sources).items() if n > 1)

@@ -19,7 +19,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from esper.bus.producer import Producer
 from esper.contracts.api import Check, HealthStatus, Readiness
-from esper.service.errors import install_error_handlers
+from esper.service.errors import ErrorTable, install_error_handlers, install_error_table
 from esper.service.heartbeat import HeartbeatPublisher
 from esper.service.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestMetrics
 from esper.service.settings import ServiceSettings
@@ -63,9 +63,12 @@ def create_app(
     lifespan: Lifespan | None = None,
     readiness: Mapping[str, ReadinessCheck] | None = None,
     body_limits: Mapping[str, int] | None = None,
+    errors: ErrorTable | None = None,
     description: str = "",
 ) -> FastAPI:
-    """`body_limits` raises (or lowers) the body limit of single paths, e.g. an upload route."""
+    """`body_limits` raises (or lowers) the body limit of single paths, e.g. an upload route;
+    `errors` answers the service's own exceptions (see errors.py). Routes take `settings` back
+    through `settings_dependency` (deps.py)."""
 
     @asynccontextmanager
     async def kit_lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -99,6 +102,7 @@ def create_app(
     app.state.registry = registry
 
     install_error_handlers(app)
+    install_error_table(app, errors or {})
     app.add_middleware(MetricsMiddleware, metrics=RequestMetrics(registry, service))
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, per_path=dict(body_limits or {})

@@ -1,14 +1,18 @@
 """The one error shape of every service: `{"error": {type, message, location, details}}`.
 
-Routes raise `ApiError` (an HTTPException); the handlers installed by `create_app` turn it, a
-request that fails validation, a route that does not exist and an unexpected crash into an
-`ErrorBody`, so a client parses every failure of every service the same way.
+Routes raise `ApiError` (an HTTPException) for what they check themselves, and let the typed
+errors of the code they call propagate: a service's `ErrorTable` (exception type → status, `type`
+and location) answers those, so one exception gets one answer on every route. The handlers
+installed by `create_app` turn all of these, a request that fails validation, a route that does
+not exist and an unexpected crash into an `ErrorBody`, so a client parses every failure of every
+service the same way.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,6 +37,72 @@ _TYPE_OF_STATUS = {
     429: "too_many_requests",
     503: "unavailable",
 }
+
+
+def _type_of(status: int) -> str:
+    return _TYPE_OF_STATUS.get(status, "error" if status < 500 else "internal")
+
+
+Location = list[str | int]
+LocationOf = Callable[[Request, Exception], Location | None]
+
+
+@dataclass(frozen=True)
+class ErrorMapping:
+    """How a service answers one exception type; the message is the exception's text.
+
+    `type`: the body's machine-readable type; None takes the exception's own `kind` attribute,
+    else the status's generic type. `location`: a fixed one, or a function of the request and
+    the exception (`path_param`); None takes the exception's own `location` attribute, if any.
+    """
+
+    status: int
+    type: str | None = None
+    location: Location | LocationOf | None = None
+    headers: Mapping[str, str] | None = None
+
+
+ErrorTable = Mapping[type[Exception], ErrorMapping]
+"""Exception type → answer. A subclass listed too gets its own answer (the closest class wins)."""
+
+
+def path_param(*names: str, otherwise: Location | None = None) -> LocationOf:
+    """Point at whichever of `names` the matched route has as a path parameter (the first
+    found); `otherwise` on a route with none of them. One "unknown kernel" error then points at
+    `["path", "ref"]` on one route and at `["path", "kernel_id"]` on another."""
+
+    def location(request: Request, exc: Exception) -> Location | None:
+        for name in names:
+            if name in request.path_params:
+                return ["path", name]
+        return list(otherwise) if otherwise is not None else None
+
+    return location
+
+
+def _mapped(mapping: ErrorMapping) -> Callable[[Request, Exception], Any]:
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        kind = mapping.type or getattr(exc, "kind", None)
+        if not isinstance(kind, str):
+            kind = _type_of(mapping.status)
+        where = mapping.location
+        if callable(where):
+            location = where(request, exc)
+        elif where is not None:
+            location = list(where)
+        else:
+            own = getattr(exc, "location", None)
+            location = list(own) if isinstance(own, list | tuple) else None
+        body = ErrorBody.of(kind, str(exc)[:4000], location)
+        return error_response(mapping.status, body, mapping.headers)
+
+    return handle
+
+
+def install_error_table(app: FastAPI, table: ErrorTable) -> None:
+    """Answer each exception type of `table` as it says, on every route of `app`."""
+    for exc_type, mapping in table.items():
+        app.add_exception_handler(exc_type, _mapped(mapping))
 
 
 class ApiError(StarletteHTTPException):
@@ -75,7 +145,7 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    kind = _TYPE_OF_STATUS.get(exc.status_code, "error" if exc.status_code < 500 else "internal")
+    kind = _type_of(exc.status_code)
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}"

@@ -7,7 +7,6 @@ that cannot be published is logged and retried on the next tick; it never takes 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +15,7 @@ from esper.bus.producer import Producer
 from esper.contracts.api import Check
 from esper.contracts.envelope import Envelope
 from esper.contracts.health import Heartbeat
+from esper.service.loops import Periodic
 
 log = logging.getLogger("esper.service.heartbeat")
 
@@ -33,7 +33,7 @@ class HeartbeatPublisher:
         self.checks = checks
         self.started_at = time.time()
         self.sent = 0
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("heartbeat", interval_s, self.beat, logger=log)
 
     async def beat(self) -> None:
         results = await self.checks()
@@ -57,22 +57,8 @@ class HeartbeatPublisher:
         )
         self.sent += 1
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.beat()
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:
-                log.warning("heartbeat not published: %s: %s", type(err).__name__, err)
-            await asyncio.sleep(self.interval_s)
-
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="heartbeat")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()

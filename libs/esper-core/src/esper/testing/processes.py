@@ -1,24 +1,6 @@
-"""Ending a child process the two ways the test servers need: gracefully, or as a crash."""
+"""Ending a child process gracefully or as a crash: `esper.processes.control`, under the name
+tests have always imported."""
 
-from __future__ import annotations
+from esper.processes.control import kill, terminate
 
-import signal
-import subprocess
-
-
-def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    """SIGTERM (the process runs its shutdown code); SIGKILL if it has not exited in time."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def kill(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL: a crash, with no shutdown code run."""
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
+__all__ = ["kill", "terminate"]

@@ -17,28 +17,26 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 
-from esper.contracts._types import SeedStateName, clip
 from esper.contracts.control import ControlDecision
 from esper.contracts.envelope import Message
-from esper.contracts.events import DecisionTaken, SeedTransition
+from esper.contracts.events import DecisionTaken, DecisionTakenV1, RefusalCode, SeedTransition
 from esper.contracts.jobs import MorphogenesisSpec, SeedView
 from esper.contracts.telemetry import finite_or_none
+from esper.contracts.vocabulary import KernelFormat, SeedStateName, clip
 from esper.exceptions import ConfigError
 from esper.kasmina.layer import KasminaLayer, SeedInfo
 from esper.kasmina.lifecycle import LifecycleEvent
 from esper.kasmina.state import RUNNING_STATES, SeedState
-from esper.kernels.artifact import KernelFormat
 from esper.morphable import MorphableModel
 from esper.training.providers import KernelProvider
 
 log = logging.getLogger(__name__)
 
 SeedKey = tuple[str, int]
-Outcome = Literal["applied", "refused"]
 STATE_VERSION = 1
 
 
@@ -66,10 +64,11 @@ class SeedRecord:
 
 
 class _Refusal(Exception):
-    """Flow control inside execute(): the decision cannot be applied, for `reason`."""
+    """Flow control inside execute(): the decision cannot be applied, for `code` and `reason`."""
 
-    def __init__(self, reason: str, seed: int | None = None) -> None:
+    def __init__(self, code: RefusalCode, reason: str, seed: int | None = None) -> None:
         super().__init__(reason)
+        self.code: RefusalCode = code
         self.reason = reason
         self.seed = seed
 
@@ -115,7 +114,6 @@ class SeedOrchestrator:
         # Decision id → the answer given; oldest first, so the bound forgets the oldest.
         self._outcomes: OrderedDict[str, DecisionTaken] = OrderedDict()
         self._records: dict[SeedKey, SeedRecord] = {}
-        self._contributions: dict[SeedKey, float] = {}
         self._lock = asyncio.Lock()
         self._attached = False
 
@@ -177,8 +175,11 @@ class SeedOrchestrator:
                 outcome = await self._apply(decision, step, epoch)
             except Exception as err:  # a bug here must not end the job; the answer says what broke
                 log.exception("job %s: decision %s failed", self.job_id, decision.decision_id)
-                outcome = self._answer(
-                    decision, "refused", f"internal error: {type(err).__name__}: {err}", None
+                outcome = DecisionTaken.refused(
+                    decision,
+                    "internal",
+                    f"internal error: {type(err).__name__}: {err}",
+                    job_id=self.job_id,
                 )
             self._remember(outcome)
         if outcome.outcome == "applied":
@@ -197,16 +198,12 @@ class SeedOrchestrator:
         while len(self._outcomes) > self.max_remembered:
             self._outcomes.popitem(last=False)
 
-    def _answer(
-        self, decision: ControlDecision, outcome: Outcome, reason: str, seed: int | None
-    ) -> DecisionTaken:
-        # The answer carries this job's id, which is true of who answered; for a decision sent to
-        # another job the reason names both.
+    def _applied(self, decision: ControlDecision, reason: str, seed: int) -> DecisionTaken:
         return DecisionTaken(
             decision_id=decision.decision_id,
             job_id=self.job_id,
             action=decision.action,
-            outcome=outcome,
+            outcome="applied",
             reason=clip(reason),
             layer=decision.layer,
             seed=seed,
@@ -216,6 +213,7 @@ class SeedOrchestrator:
         try:
             if d.job_id != self.job_id:
                 raise _Refusal(
+                    "wrong_job",
                     f"decision {d.decision_id} is for job {d.job_id!r}, not for this job "
                     f"{self.job_id!r}",
                     d.seed,
@@ -230,21 +228,30 @@ class SeedOrchestrator:
             else:
                 slot, reason = self._set_alpha(d, kl)
         except _Refusal as refusal:
-            return self._answer(d, "refused", refusal.reason, refusal.seed)
-        return self._answer(d, "applied", reason, slot)
+            # The answer carries this job's id, which is true of who answered; for a decision
+            # sent to another job the reason names both.
+            return DecisionTaken.refused(
+                d, refusal.code, refusal.reason, job_id=self.job_id, seed=refusal.seed
+            )
+        return self._applied(d, reason, slot)
 
     def _layer(self, d: ControlDecision) -> KasminaLayer:
         names = self.morphable.layer_names()
         if d.layer not in names:
-            raise _Refusal(f"unknown layer {d.layer!r}; wrapped layers: {', '.join(names)}", d.seed)
+            raise _Refusal(
+                "unknown_layer",
+                f"unknown layer {d.layer!r}; wrapped layers: {', '.join(names)}",
+                d.seed,
+            )
         return self.morphable.layer(d.layer)
 
     @staticmethod
     def _slot(d: ControlDecision, kl: KasminaLayer) -> int:
         if d.seed is None:
-            raise _Refusal(f"{d.action} names no seed of layer {kl.layer_name!r}")
+            raise _Refusal("invalid_seed", f"{d.action} names no seed of layer {kl.layer_name!r}")
         if d.seed >= kl.num_seeds:
             raise _Refusal(
+                "invalid_seed",
                 f"seed {d.seed} is out of range: layer {kl.layer_name!r} has {kl.num_seeds} "
                 f"seed slots (0-{kl.num_seeds - 1})",
                 d.seed,
@@ -260,7 +267,9 @@ class SeedOrchestrator:
         slot = self._slot(d, kl)
         info = kl.seed_info(slot)
         if info.state is not SeedState.ACTIVE:
-            raise _Refusal(f"cannot {d.action}: {self._describe(info)}, not ACTIVE", slot)
+            raise _Refusal(
+                "seed_state", f"cannot {d.action}: {self._describe(info)}, not ACTIVE", slot
+            )
         return slot
 
     async def _germinate(
@@ -268,23 +277,28 @@ class SeedOrchestrator:
     ) -> tuple[int, str]:
         name = kl.layer_name
         if not self.spec.enabled:
-            raise _Refusal("morphogenesis is disabled for this job", d.seed)
+            raise _Refusal("morphogenesis_off", "morphogenesis is disabled for this job", d.seed)
         if d.seed is None:
             free = kl.free_seeds()
             if not free:
                 states = ", ".join(kl.seed_info(i).state.name for i in range(kl.num_seeds))
-                raise _Refusal(f"no free seed slot in layer {name!r} (slots: {states})")
+                raise _Refusal(
+                    "no_free_slot", f"no free seed slot in layer {name!r} (slots: {states})"
+                )
             slot = free[0]
         else:
             slot = self._slot(d, kl)
             info = kl.seed_info(slot)
             if info.state is not SeedState.DORMANT:
                 raise _Refusal(
-                    f"cannot germinate: {self._describe(info)}, not DORMANT; retire it first", slot
+                    "seed_state",
+                    f"cannot germinate: {self._describe(info)}, not DORMANT; retire it first",
+                    slot,
                 )
         held = sum(1 for s in self.morphable.seeds() if s.state is not SeedState.DORMANT)
         if held >= self.spec.max_seeds:
             raise _Refusal(
+                "max_seeds",
                 f"max_seeds reached: the job holds {held} seed(s) and max_seeds is "
                 f"{self.spec.max_seeds}",
                 slot,
@@ -300,6 +314,7 @@ class SeedOrchestrator:
                 )
             except Exception as err:
                 raise _Refusal(
+                    "kernel_unavailable",
                     f"no kernel for blueprint {d.blueprint!r} on layer {name!r} "
                     f"({kl.signature.kind} {kl.signature.in_features}→"
                     f"{kl.signature.out_features}): {type(err).__name__}: {err}",
@@ -314,6 +329,7 @@ class SeedOrchestrator:
             )
         except Exception as err:
             raise _Refusal(
+                "load_failed",
                 f"loading kernel {kernel_ref} into seed {slot} of layer {name!r} failed: "
                 f"{type(err).__name__}: {err}",
                 slot,
@@ -328,6 +344,7 @@ class SeedOrchestrator:
             # germination is all or nothing, so the seed leaves again rather than idle at α=0.
             self.morphable.unload_seed(name, slot, reason=f"decision {d.decision_id}: {err}")
             raise _Refusal(
+                "alpha_rejected",
                 f"cannot ramp seed {slot} of layer {name!r} to α={target}: "
                 f"{type(err).__name__}: {err}",
                 slot,
@@ -343,7 +360,6 @@ class SeedOrchestrator:
             germinated_step=step,
             germinated_epoch=epoch,
         )
-        self._contributions.pop(key, None)  # a measurement of the slot's previous seed
         source = f"blueprint {d.blueprint}" if d.blueprint else f"kernel {d.kernel}"
         ramp = f"over {steps} steps" if steps else "at once"
         return slot, (
@@ -367,7 +383,10 @@ class SeedOrchestrator:
                 reason=f"decision {d.decision_id}: {d.reason}",
             )
         except Exception as err:
-            raise _Refusal(f"cannot retire: {type(err).__name__}: {err}", slot) from None
+            # retire() re-checks the state it was called in; ACTIVE was checked just above.
+            raise _Refusal(
+                "seed_state", f"cannot retire: {type(err).__name__}: {err}", slot
+            ) from None
         ramp = f"α → 0 over {d.ramp_steps} steps" if d.ramp_steps else "at once"
         return slot, f"retiring seed {slot} of layer {kl.layer_name!r}, {ramp}"
 
@@ -388,7 +407,9 @@ class SeedOrchestrator:
         try:
             self._move_alpha(kl.layer_name, slot, d.alpha, d.ramp_steps)
         except Exception as err:
-            raise _Refusal(f"cannot set α: {type(err).__name__}: {err}", slot) from None
+            raise _Refusal(
+                "alpha_rejected", f"cannot set α: {type(err).__name__}: {err}", slot
+            ) from None
         ramp = f"over {d.ramp_steps} steps" if d.ramp_steps else "at once"
         return slot, f"α of seed {slot} of layer {kl.layer_name!r} → {d.alpha} {ramp}"
 
@@ -403,7 +424,6 @@ class SeedOrchestrator:
             return None
         if info.state is SeedState.DORMANT or record.kernel_id != info.kernel_id:
             del self._records[key]
-            self._contributions.pop(key, None)
             return None
         return record
 
@@ -414,8 +434,6 @@ class SeedOrchestrator:
             record = self._record_for(info)
             if record is not None:
                 live[(info.layer, info.seed)] = record
-            elif info.state is SeedState.DORMANT:
-                self._contributions.pop((info.layer, info.seed), None)
         return live
 
     # --------------------------------------------------------- measuring
@@ -427,7 +445,8 @@ class SeedOrchestrator:
 
         The with-seed value is the same for every seed, so it is evaluated once: n + 1 passes
         rather than the 2n of calling MorphableModel.measure_contribution per seed. Each value is
-        also written to the model's StateLayout (when finite), so checkpoints carry it.
+        recorded in the model (its layer keeps it, and checkpoints carry it), a non-finite one
+        too: a diverged measurement must not leave an earlier one standing.
         """
         running = [s for s in self.morphable.seeds() if s.state in RUNNING_STATES]
         if not running:
@@ -439,34 +458,30 @@ class SeedOrchestrator:
                 with self.morphable.seed_alpha_forced(info.layer, info.seed, 0.0):
                     without = float(evaluate())
                 value = with_seeds - without
-                key = (info.layer, info.seed)
-                results[key] = value
-                self._contributions[key] = value
-                if math.isfinite(value):
-                    self.morphable.record_contribution(info.layer, info.seed, value)
+                results[(info.layer, info.seed)] = value
+                self.morphable.record_contribution(info.layer, info.seed, value)
         return results
 
     def contributions(self) -> dict[SeedKey, float]:
-        """The last measured contribution of each seed now in the model (NaN: diverged)."""
-        self.records()  # drop measurements of seeds that have left
-        return dict(self._contributions)
+        """The last recorded contribution of each seed now in the model that has one, as the
+        model keeps it (a measurement that diverged to NaN reads as none)."""
+        return {
+            (info.layer, info.seed): value
+            for info in self.morphable.seeds()
+            if info.state is not SeedState.DORMANT
+            and not math.isnan(value := self.morphable.contribution(info.layer, info.seed))
+        }
 
     def seed_views(self) -> list[SeedView]:
         """Every non-DORMANT seed as Tolaria's job view shows it."""
         views = []
-        layout_contributions: dict[str, list[float]] = {}
         for info in self.morphable.seeds():
             if info.state is SeedState.DORMANT:
-                self._contributions.pop((info.layer, info.seed), None)
                 continue
             record = self._record_for(info)
-            contribution = self._contributions.get((info.layer, info.seed))
-            if contribution is None:
-                # Measured by someone else (MorphableModel.measure_contribution, a checkpoint).
-                if info.layer not in layout_contributions:
-                    layout = self.morphable.layer(info.layer).layout
-                    layout_contributions[info.layer] = layout.contribution.tolist()
-                contribution = layout_contributions[info.layer][info.seed]
+            # Whoever measured it (this orchestrator, MorphableModel.measure_contribution, or
+            # the run a checkpoint was saved from): the model keeps the one value.
+            contribution = self.morphable.contribution(info.layer, info.seed)
             views.append(
                 SeedView(
                     layer=info.layer,
@@ -485,7 +500,8 @@ class SeedOrchestrator:
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state for a checkpoint: the answered decisions (so a resumed job
         does not execute one twice) and the seed records (so it still knows each seed's
-        blueprint). Contributions are kept only when finite: JSON has no NaN."""
+        blueprint). The model's checkpoint carries the contributions; they are also written here,
+        when finite (JSON has no NaN), for earlier versions, which read them from here."""
         records = self.records()
         return {
             "version": STATE_VERSION,
@@ -495,24 +511,24 @@ class SeedOrchestrator:
             "seeds": [r.to_dict() for r in records.values()],
             "contributions": [
                 [layer, seed, value]
-                for (layer, seed), value in self._contributions.items()
+                for (layer, seed), value in self.contributions().items()
                 if math.isfinite(value)
             ],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace this orchestrator's decisions, records and contributions by a checkpoint's.
-        Load the model's state_dict first: records of seeds the model no longer holds are
-        dropped the next time they are looked at."""
+        """Replace this orchestrator's decisions and records by a checkpoint's. Load the model's
+        state_dict first: it restores the contributions (the copy in `state` is not read), and
+        records of seeds the model no longer holds are dropped the next time they are looked
+        at."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             version = state.get("version") if isinstance(state, dict) else None
             raise ConfigError(
                 f"unreadable orchestrator state (version {version!r}, expected {STATE_VERSION})"
             )
         try:
-            outcomes = [DecisionTaken.model_validate(o) for o in state["decisions"]]
+            outcomes = [_stored_answer(o) for o in state["decisions"]]
             records = [SeedRecord.from_dict(r) for r in state["seeds"]]
-            contributions = {(str(c[0]), int(c[1])): float(c[2]) for c in state["contributions"]}
             step = int(state["step"])
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise ConfigError(f"unreadable orchestrator state: {err}") from None
@@ -520,5 +536,12 @@ class SeedOrchestrator:
         while len(self._outcomes) > self.max_remembered:
             self._outcomes.popitem(last=False)
         self._records = {(r.layer, r.seed): r for r in records}
-        self._contributions = contributions
         self.step = step
+
+
+def _stored_answer(data: dict[str, Any]) -> DecisionTaken:
+    # A checkpoint written before refusals had a code holds v1 answers (no `code` key): read them
+    # through their contract, which derives the code.
+    if "code" in data:
+        return DecisionTaken.model_validate(data)
+    return DecisionTakenV1.model_validate(data).upgrade()

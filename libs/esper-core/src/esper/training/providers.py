@@ -15,10 +15,10 @@ from typing import Protocol, runtime_checkable
 from esper.blueprints.compiler import compile_kernel_id
 from esper.blueprints.library import get_blueprint
 from esper.blueprints.spec import BlueprintSpec
+from esper.contracts.kernels import HostSignature
+from esper.contracts.vocabulary import KernelFormat
 from esper.exceptions import UnknownKernelError
-from esper.kernels.artifact import KernelFormat
 from esper.registry import LocalKernelRegistry
-from esper.signature import HostSignature
 
 
 @runtime_checkable

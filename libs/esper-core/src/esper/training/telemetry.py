@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from esper.contracts._types import SeedStateName
 from esper.contracts.telemetry import LayerStats, Metric, SeedStats, TelemetryReport, finite_or_none
+from esper.contracts.vocabulary import SeedStateName
 from esper.exceptions import ConfigError
 from esper.kasmina.layer import KasminaLayer
 from esper.kasmina.state import SeedState

@@ -16,13 +16,20 @@ from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
 from esper.bus.producer import FIELD
-from esper.contracts import Envelope, JobQueued, JobSpec, JobSubmitted, JobView, Page
-from esper.contracts._types import JobStatus
+from esper.contracts import (
+    TERMINAL_JOB_STATUSES,
+    Envelope,
+    JobQueued,
+    JobSpec,
+    JobStatus,
+    JobSubmitted,
+    JobView,
+    Page,
+)
 from esper.service import ApiError, RequireToken, error_responses
 from tolaria import checkpoint
 from tolaria.deps import SettingsDep, StoreDep
-from tolaria.errors import SpecError
-from tolaria.jobstore import TERMINAL, JobStateError, UnknownJobError
+from tolaria.jobstore import UnknownJobError
 from tolaria.runtime import control_group
 from tolaria.validation import check_spec
 
@@ -62,13 +69,6 @@ async def _parse_spec(request: Request) -> JobSpec:
         ) from None
 
 
-async def _get(store: StoreDep, job_id: str) -> JobView:
-    try:
-        return await store.get(job_id)
-    except UnknownJobError as err:
-        raise ApiError(404, "unknown_job", str(err), ["path", "job_id"]) from None
-
-
 @router.post(
     "",
     response_model=JobSubmitted,
@@ -97,10 +97,7 @@ async def submit_job(
             view = await store.get(existing.decode() if isinstance(existing, bytes) else existing)
             response.status_code = status.HTTP_200_OK
             return JobSubmitted(job_id=view.job_id, status=view.status, created=False)
-    try:
-        await asyncio.to_thread(check_spec, spec, settings.data_dir)
-    except SpecError as err:
-        raise ApiError(422, "invalid_spec", str(err), ["body", *err.location[1:]]) from None
+    await asyncio.to_thread(check_spec, spec, settings.data_dir)
     job_id = f"job-{uuid.uuid4().hex[:12]}"
     view, created = await store.create(job_id, spec)
     if not created:
@@ -134,7 +131,7 @@ async def list_jobs(
 
 @router.get("/{job_id}", response_model=JobView, responses=_ERRORS)
 async def get_job(job_id: JobId, store: StoreDep) -> JobView:
-    return await _get(store, job_id)
+    return await store.get(job_id)
 
 
 @router.post(
@@ -143,7 +140,7 @@ async def get_job(job_id: JobId, store: StoreDep) -> JobView:
 async def stop_job(job_id: JobId, store: StoreDep) -> JobView:
     """A queued job ends STOPPED at once; a running one within a training step (it keeps its
     checkpoint). Stopping a finished job changes nothing."""
-    await _get(store, job_id)
+    await store.get(job_id)
     return await store.request_stop(job_id)
 
 
@@ -155,11 +152,8 @@ async def stop_job(job_id: JobId, store: StoreDep) -> JobView:
 )
 async def delete_job(job_id: JobId, store: StoreDep, settings: SettingsDep) -> None:
     """Delete a finished job: its record, events, logs and checkpoint."""
-    await _get(store, job_id)
-    try:
-        await store.delete(job_id)
-    except JobStateError as err:
-        raise ApiError(409, "conflict", str(err), ["path", "job_id"]) from None
+    await store.get(job_id)
+    await store.delete(job_id)
     path = checkpoint.path_for(settings.work_dir, job_id)
     await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
     with contextlib.suppress(Exception):  # gone already when the job finished
@@ -170,7 +164,7 @@ async def delete_job(job_id: JobId, store: StoreDep, settings: SettingsDep) -> N
 async def job_logs(
     job_id: JobId, store: StoreDep, tail: Annotated[int | None, Query(ge=1, le=100_000)] = None
 ) -> PlainTextResponse:
-    await _get(store, job_id)
+    await store.get(job_id)
     lines = await store.logs(job_id, tail)
     return PlainTextResponse("\n".join(lines) + ("\n" if lines else ""))
 
@@ -183,7 +177,7 @@ async def job_logs(
 async def job_checkpoint(job_id: JobId, store: StoreDep, settings: SettingsDep) -> FileResponse:
     """The last checkpoint (`torch.load(..., weights_only=True)`): `model` is the wrapped model's
     state_dict, `spec` the job's spec."""
-    await _get(store, job_id)
+    await store.get(job_id)
     path = checkpoint.path_for(settings.work_dir, job_id)
     if not path.exists():
         raise ApiError(
@@ -193,26 +187,29 @@ async def job_checkpoint(job_id: JobId, store: StoreDep, settings: SettingsDep) 
 
 
 @router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS})
-async def job_events(job_id: JobId, store: StoreDep, request: Request) -> StreamingResponse:
+async def job_events(
+    job_id: JobId, store: StoreDep, settings: SettingsDep, request: Request
+) -> StreamingResponse:
     """Server-sent events: every event of the job so far, then live ones, until it ends.
     Each has `id` (resume with `Last-Event-ID`), `event` (the message type) and `data` (the
     envelope JSON): epochs (`telemetry.report`), seed transitions, decisions, status changes."""
-    await _get(store, job_id)
+    await store.get(job_id)
     start = request.headers.get("last-event-id") or "0"
     return StreamingResponse(
-        _event_stream(store, job_id, start, request),
+        _event_stream(store, job_id, start, request, settings.bus.block_ms),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 async def _event_stream(
-    store: StoreDep, job_id: str, last_id: str, request: Request
+    store: StoreDep, job_id: str, last_id: str, request: Request, block_ms: int
 ) -> AsyncIterator[bytes]:
     key = store.events_key(job_id)
     idle_since = asyncio.get_running_loop().time()
     while not await request.is_disconnected():
-        batches: Any = await store.redis.xread({key: last_id}, count=100, block=1000)
+        # The bus's block time: its settings keep it below the client's socket timeout.
+        batches: Any = await store.redis.xread({key: last_id}, count=100, block=block_ms)
         for _, entries in batches or []:
             for entry_id, fields in entries:
                 last_id = entry_id.decode()
@@ -225,7 +222,7 @@ async def _event_stream(
                 view = await store.get(job_id)
             except UnknownJobError:
                 return
-            if view.status in TERMINAL:
+            if view.status in TERMINAL_JOB_STATUSES:
                 end = json.dumps({"job_id": job_id, "status": view.status})
                 yield f"event: end\ndata: {end}\n\n".encode()
                 return

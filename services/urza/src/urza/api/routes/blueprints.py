@@ -8,11 +8,11 @@ from fastapi import APIRouter, Query, Response, status
 
 from esper.blueprints.compiler import dry_run
 from esper.blueprints.spec import BlueprintSpec
-from esper.contracts import Page
-from esper.exceptions import BlueprintError, CompileError, ConfigError, UnknownBlueprintError
-from esper.service import ApiError, RequireToken, error_responses
-from esper.signature import HostSignature
+from esper.contracts import HostSignature, Page
+from esper.exceptions import BlueprintError, CompileError
+from esper.service import RequireToken, error_responses
 from urza.deps import StoreDep
+from urza.errors import InvalidBlueprintError
 from urza.store import StoredBlueprint
 
 router = APIRouter(prefix="/blueprints", tags=["blueprints"])
@@ -29,8 +29,11 @@ _ERRORS = error_responses(404, 409, 422)
 
 
 def _trial(spec: BlueprintSpec) -> None:
-    for kind in spec.hosts:
-        dry_run(spec, _TRIAL_HOSTS[kind])
+    try:
+        for kind in spec.hosts:
+            dry_run(spec, _TRIAL_HOSTS[kind])
+    except (BlueprintError, CompileError) as err:
+        raise InvalidBlueprintError(str(err)) from err
 
 
 @router.post(
@@ -44,14 +47,8 @@ async def register_blueprint(
     spec: BlueprintSpec, store: StoreDep, response: Response
 ) -> StoredBlueprint:
     """Register a blueprint (201), or find the identical one already registered (200)."""
-    try:
-        await asyncio.to_thread(_trial, spec)
-    except (BlueprintError, CompileError) as err:
-        raise ApiError(422, "invalid_blueprint", str(err), ["body"]) from None
-    try:
-        record, created = await asyncio.to_thread(store.put_blueprint, spec)
-    except ConfigError as err:
-        raise ApiError(409, "conflict", str(err), ["body", "version"]) from None
+    await asyncio.to_thread(_trial, spec)
+    record, created = await asyncio.to_thread(store.put_blueprint, spec)
     if not created:
         response.status_code = status.HTTP_200_OK
     return record
@@ -70,7 +67,4 @@ async def get_blueprint(
     store: StoreDep,
     version: int | None = Query(default=None, ge=1, description="latest when omitted"),
 ) -> StoredBlueprint:
-    try:
-        return await asyncio.to_thread(store.get_blueprint, name, version)
-    except UnknownBlueprintError as err:
-        raise ApiError(404, "unknown_blueprint", str(err), ["path", "name"]) from None
+    return await asyncio.to_thread(store.get_blueprint, name, version)

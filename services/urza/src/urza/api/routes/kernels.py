@@ -10,23 +10,19 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Path, Query, Request, Response, UploadFile, status
 from pydantic import ValidationError
 
-from esper.contracts import CompileRequest, KernelResult, KernelUpload, Page
-from esper.contracts._types import Tag
-from esper.exceptions import (
-    ArtifactError,
-    BlueprintHostError,
-    CompileError,
-    ConfigError,
-    CorruptArtifactError,
-    KernelMismatchError,
-    UnknownBlueprintError,
-    UnknownKernelError,
+from esper.contracts import (
+    KERNEL_ID_RE,
+    CompileRequest,
+    HostSignature,
+    KernelMeta,
+    KernelResult,
+    KernelUpload,
+    Page,
+    Tag,
 )
-from esper.kernels.artifact import KERNEL_ID_RE, KernelMeta
 from esper.service import ApiError, RequireToken, error_responses
-from esper.signature import HostSignature
-from urza.compiler import QueueFullError
 from urza.deps import CompilerDep, SettingsDep, StoreDep
+from urza.errors import UnknownTagError
 
 router = APIRouter(prefix="/kernels", tags=["kernels"])
 
@@ -63,16 +59,7 @@ async def compile_kernel(
     """Compile a registered blueprint for a host (201), or return the kernel the same input
     compiled before (200) without compiling again."""
     _check_width(request.host, settings.max_features, ["body", "host"])
-    try:
-        return _created(await compiler.compile(request), response)
-    except UnknownBlueprintError as err:
-        raise ApiError(404, "unknown_blueprint", str(err), ["body", "blueprint"]) from None
-    except BlueprintHostError as err:
-        raise ApiError(422, "blueprint_host_mismatch", str(err), ["body", "host"]) from None
-    except CompileError as err:
-        raise ApiError(422, "compile_failed", str(err), ["body", "blueprint"]) from None
-    except QueueFullError as err:
-        raise ApiError(429, "too_many_requests", str(err), headers={"Retry-After": "1"}) from None
+    return _created(await compiler.compile(request), response)
 
 
 @router.post(
@@ -109,12 +96,7 @@ async def upload_kernel(
             ["body", "meta", "lineage", "parent_kernel_id"],
         )
     data = await artifact.read()
-    try:
-        return _created(await compiler.upload(upload, data), response)
-    except (ArtifactError, KernelMismatchError) as err:
-        raise ApiError(422, "invalid_artifact", str(err), ["body", "artifact"]) from None
-    except ConfigError as err:
-        raise ApiError(409, "conflict", str(err), ["body", "artifact"]) from None
+    return _created(await compiler.upload(upload, data), response)
 
 
 @router.get("", response_model=Page[KernelMeta], responses=_ERRORS)
@@ -127,12 +109,9 @@ async def list_kernels(
     cursor: str | None = Query(default=None, max_length=512),
 ) -> Page[KernelMeta]:
     """Kernels newest first; pass `next_cursor` back as `cursor` for the next page."""
-    try:
-        items, next_cursor = await asyncio.to_thread(
-            store.list_kernels, blueprint=blueprint, name=name, tag=tag, limit=limit, cursor=cursor
-        )
-    except ConfigError as err:
-        raise ApiError(422, "validation_error", str(err), ["query", "cursor"]) from None
+    items, next_cursor = await asyncio.to_thread(
+        store.list_kernels, blueprint=blueprint, name=name, tag=tag, limit=limit, cursor=cursor
+    )
     return Page[KernelMeta](items=items, next_cursor=next_cursor)
 
 
@@ -140,10 +119,7 @@ async def list_kernels(
 async def get_kernel(
     store: StoreDep, ref: Annotated[str, Path(max_length=128, description="kernel id or tag")]
 ) -> KernelMeta:
-    try:
-        return await asyncio.to_thread(store.get_kernel, ref)
-    except UnknownKernelError as err:
-        raise ApiError(404, "unknown_kernel", str(err), ["path", "ref"]) from None
+    return await asyncio.to_thread(store.get_kernel, ref)
 
 
 @router.get(
@@ -154,10 +130,7 @@ async def get_kernel(
 async def get_artifact(kernel_id: KernelIdPath, store: StoreDep, request: Request) -> Response:
     """The kernel's bytes. `ETag` is the sha256; `X-Esper-Digest` and `X-Esper-Signature` let a
     cache verify them, `X-Esper-Kernel-Meta` (base64url JSON) saves it a metadata round trip."""
-    try:
-        meta = await asyncio.to_thread(store.get_kernel, kernel_id)
-    except UnknownKernelError as err:
-        raise ApiError(404, "unknown_kernel", str(err), ["path", "kernel_id"]) from None
+    meta = await asyncio.to_thread(store.get_kernel, kernel_id)
     etag = f'"{meta.digest.removeprefix("sha256:")}"'
     headers = {
         "ETag": etag,
@@ -169,10 +142,7 @@ async def get_artifact(kernel_id: KernelIdPath, store: StoreDep, request: Reques
         headers["X-Esper-Signature"] = meta.hmac_sha256
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
-    try:
-        artifact = await asyncio.to_thread(store.read_artifact, kernel_id)
-    except CorruptArtifactError as err:
-        raise ApiError(500, "corrupt_artifact", str(err), ["path", "kernel_id"]) from None
+    artifact = await asyncio.to_thread(store.read_artifact, kernel_id)
     return Response(artifact.data, media_type="application/octet-stream", headers=headers)
 
 
@@ -190,13 +160,8 @@ async def tag_kernel(
         raise ApiError(
             422, "validation_error", "a tag must not look like a kernel id", ["path", "tag"]
         )
-    try:
-        await asyncio.to_thread(store.set_tag, tag, kernel_id)
-        return await asyncio.to_thread(store.get_kernel, kernel_id)
-    except UnknownKernelError as err:
-        raise ApiError(404, "unknown_kernel", str(err), ["path", "kernel_id"]) from None
-    except ConfigError as err:
-        raise ApiError(422, "validation_error", str(err), ["path", "tag"]) from None
+    await asyncio.to_thread(store.set_tag, tag, kernel_id)
+    return await asyncio.to_thread(store.get_kernel, kernel_id)
 
 
 @router.delete(
@@ -210,19 +175,13 @@ async def untag_kernel(
 ) -> None:
     def remove() -> None:
         if tag not in store.tags_of(kernel_id):
-            raise UnknownKernelError(f"kernel {kernel_id} has no tag {tag!r}")
+            raise UnknownTagError(f"kernel {kernel_id} has no tag {tag!r}")
         store.delete_tag(tag)
 
-    try:
-        await asyncio.to_thread(remove)
-    except UnknownKernelError as err:
-        raise ApiError(404, "unknown_tag", str(err), ["path", "tag"]) from None
+    await asyncio.to_thread(remove)
 
 
 @router.get("/{kernel_id}/tags", response_model=list[str], responses=_ERRORS)
 async def kernel_tags(kernel_id: KernelIdPath, store: StoreDep) -> list[str]:
-    try:
-        await asyncio.to_thread(store.get_kernel, kernel_id)
-    except UnknownKernelError as err:
-        raise ApiError(404, "unknown_kernel", str(err), ["path", "kernel_id"]) from None
+    await asyncio.to_thread(store.get_kernel, kernel_id)
     return await asyncio.to_thread(store.tags_of, kernel_id)

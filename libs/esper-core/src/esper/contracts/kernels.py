@@ -1,0 +1,150 @@
+"""What travels on the wire about a kernel: the host geometry it fits (`HostSignature`) and what
+a registry knows about it (`KernelMeta`). Urza serves them, `event.kernel_ready` and the compile
+API carry them, and caches store them, so they are contracts; the artifact bytes, their signing
+and the executor stay in `esper.kernels`."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from esper.contracts.vocabulary import KERNEL_ID_RE, Blend, KernelFormat
+from esper.exceptions import UnsupportedHostError
+
+if TYPE_CHECKING:  # torch is imported where a module is inspected: contracts need no torch
+    from torch import nn
+
+Pair = tuple[int, int]
+
+
+def _pair(value: int | tuple[int, ...]) -> Pair:
+    if isinstance(value, int):
+        return (value, value)
+    return (int(value[0]), int(value[1]))
+
+
+class HostSignature(BaseModel):
+    """A Linear host maps [..., in_features] → [..., out_features]; a Conv2d host maps
+    [B, in_features, H, W] → [B, out_features, H', W'] with its kernel/stride/padding/dilation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["linear", "conv2d"]
+    in_features: int = Field(ge=1)
+    out_features: int = Field(ge=1)
+    kernel_size: Pair = (1, 1)
+    stride: Pair = (1, 1)
+    padding: Pair | Literal["same"] = (0, 0)
+    dilation: Pair = (1, 1)
+    groups: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> HostSignature:
+        for name in ("kernel_size", "stride", "dilation"):
+            if min(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.padding != "same" and min(self.padding) < 0:
+            raise ValueError(f"padding must be ≥ 0, got {self.padding}")
+        if self.padding == "same" and self.stride != (1, 1):
+            raise ValueError("padding='same' needs stride (1, 1)")
+        if self.in_features % self.groups or self.out_features % self.groups:
+            raise ValueError(f"groups={self.groups} must divide in and out features")
+        return self
+
+    @classmethod
+    def of(cls, module: nn.Module) -> HostSignature:
+        from torch import nn
+        from torch.nn.modules.lazy import LazyModuleMixin
+
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            raise UnsupportedHostError(
+                f"cannot wrap an uninitialized {type(module).__name__}: its sizes are unknown "
+                "until its first forward; run one batch through the model before wrapping it"
+            )
+        if isinstance(module, nn.Linear):
+            return cls(
+                kind="linear", in_features=module.in_features, out_features=module.out_features
+            )
+        if isinstance(module, nn.Conv2d):
+            padding = module.padding
+            if isinstance(padding, str):
+                padding_value: Pair | Literal["same"] = "same" if padding == "same" else (0, 0)
+            else:
+                padding_value = _pair(padding)
+            return cls(
+                kind="conv2d",
+                in_features=module.in_channels,
+                out_features=module.out_channels,
+                kernel_size=_pair(module.kernel_size),
+                stride=_pair(module.stride),
+                padding=padding_value,
+                dilation=_pair(module.dilation),
+                groups=module.groups,
+            )
+        raise UnsupportedHostError(
+            f"cannot wrap {type(module).__name__}: Kasmina hosts are nn.Linear and nn.Conv2d"
+        )
+
+    def reference_module(self) -> nn.Module:
+        """A fresh layer of this geometry, for checking a kernel where the real host is absent
+        (Urza probes an uploaded kernel against one)."""
+        from torch import nn
+
+        if self.kind == "linear":
+            return nn.Linear(self.in_features, self.out_features)
+        return nn.Conv2d(
+            self.in_features,
+            self.out_features,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
+
+    def input_shape(self, batch: int, hw: Pair | None = None) -> tuple[int, ...]:
+        """A small input shape for this host; conv inputs are large enough for its kernel."""
+        if self.kind == "linear":
+            return (batch, self.in_features)
+        if hw is None:
+            hw = (self.min_extent(0), self.min_extent(1))
+        return (batch, self.in_features, *hw)
+
+    def min_extent(self, dim: int) -> int:
+        return max(8, self.dilation[dim] * (self.kernel_size[dim] - 1) + 1)
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.kind == "linear":
+            return (*input_shape[:-1], self.out_features)
+        batch, _, h, w = input_shape
+        if self.padding == "same":
+            return (batch, self.out_features, h, w)
+        out = []
+        for dim, size in enumerate((h, w)):
+            span = self.dilation[dim] * (self.kernel_size[dim] - 1) + 1
+            out.append((size + 2 * self.padding[dim] - span) // self.stride[dim] + 1)
+        return (batch, self.out_features, out[0], out[1])
+
+
+class KernelMeta(BaseModel):
+    """What a registry knows about a kernel; `digest` and `hmac_sha256` vouch for its bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kernel_id: str = Field(pattern=KERNEL_ID_RE.pattern)
+    name: str
+    format: KernelFormat
+    host: HostSignature
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+    hmac_sha256: str | None = None
+    blueprint: str | None = None
+    blueprint_version: int | None = None
+    default_blend: Blend = "add"
+    params: int = 0
+    flops: int = 0
+    latency_us: float = 0.0
+    created_at: float = Field(default_factory=time.time)
+    lineage: dict[str, Any] = Field(default_factory=dict)
