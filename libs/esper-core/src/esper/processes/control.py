@@ -1,10 +1,17 @@
-"""Ending a child process the two ways the local stack and the tests need, and a free port."""
+"""A child process owned by an object (ChildProcess), ending it the two ways the local stack and
+the tests need, and a free port."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import signal
 import socket
 import subprocess
+import weakref
+from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 
 def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -31,3 +38,73 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+_LIVE: weakref.WeakSet[ChildProcess] = weakref.WeakSet()
+
+
+class ChildProcess:
+    """What RedisServer and ServiceProcess share: one process owned by the object, a log file,
+    `stop()` (graceful) and `kill()` (a crash), and a context manager. Processes still running
+    at interpreter exit are killed, so a failed test run leaves no server holding a port."""
+
+    log_path: Path
+    stop_timeout_s: float = 10.0
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _adopt(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+        _LIVE.add(self)
+
+    def log_tail(self, lines: int = 30, sep: str = "\n") -> str:
+        try:
+            return sep.join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGTERM (the process runs its shutdown code); SIGKILL if it has not exited after
+        `timeout_s` (default: the class's `stop_timeout_s`)."""
+        if self._proc is not None:
+            terminate(self._proc, self.stop_timeout_s if timeout_s is None else timeout_s)
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no shutdown code run."""
+        if self._proc is not None:
+            kill(self._proc)
+        self._proc = None
+
+    def close(self) -> None:
+        """Stop the process and forget it."""
+        self.stop()
+        _LIVE.discard(self)
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for child in list(_LIVE):
+        with contextlib.suppress(Exception):
+            child.kill()

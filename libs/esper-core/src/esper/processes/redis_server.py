@@ -10,22 +10,16 @@ server acknowledged before the kill is back after the restart.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-import weakref
 from pathlib import Path
-from types import TracebackType
 
 from esper.processes import control
 from esper.processes.control import free_port
-
-_LIVE: weakref.WeakSet[RedisServer] = weakref.WeakSet()
 
 
 def find_redis_server() -> str:
@@ -60,7 +54,7 @@ def ping(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
         return False
 
 
-class RedisServer:
+class RedisServer(control.ChildProcess):
     """One redis-server process bound to 127.0.0.1, owned by this object.
 
     `port` and `directory` stay fixed for the object's life, so `restart()` brings back the same
@@ -89,23 +83,11 @@ class RedisServer:
         self.config = dict(config or {})
         self.startup_timeout_s = startup_timeout_s
         self.host = "127.0.0.1"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.directory / "redis.log"
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / "redis.log"
 
     def _args(self) -> list[str]:
         options = {
@@ -132,21 +114,23 @@ class RedisServer:
         for _ in range(5):
             self._spawn()
             if self._wait_ready():
-                _LIVE.add(self)
                 return self
             self.kill()
             if not self._auto_port:
                 break
             self.port = free_port()
-        raise RuntimeError(f"redis-server did not start on port {self.port}: {self._log_tail()}")
+        tail = self.log_tail(10, " | ")
+        raise RuntimeError(f"redis-server did not start on port {self.port}: {tail}")
 
     def _spawn(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._proc = subprocess.Popen(
-            self._args(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self._adopt(
+            subprocess.Popen(
+                self._args(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         )
 
     def _wait_ready(self) -> bool:
@@ -159,24 +143,6 @@ class RedisServer:
             time.sleep(0.01)
         return False
 
-    def _log_tail(self, lines: int = 10) -> str:
-        try:
-            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM: Redis flushes its AOF and exits; SIGKILL if it has not after `timeout_s`."""
-        if self._proc is not None:
-            control.terminate(self._proc, timeout_s)
-        self._proc = None
-
-    def kill(self) -> None:
-        """SIGKILL: a crash. Only what was already fsynced (appendfsync always) survives."""
-        if self._proc is not None:
-            control.kill(self._proc)
-        self._proc = None
-
     def restart(self, *, kill: bool = False) -> RedisServer:
         """Stop (or kill) and start again on the same port and directory."""
         self.kill() if kill else self.stop()
@@ -188,29 +154,10 @@ class RedisServer:
 
     def close(self) -> None:
         """Stop the server and remove the directory if this object created it."""
-        self.stop()
-        _LIVE.discard(self)
+        super().close()
         if self._own_dir:
             shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"RedisServer({self.url}, {state}, aof={self.appendonly})"
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for server in list(_LIVE):
-        with contextlib.suppress(Exception):
-            server.kill()

@@ -8,35 +8,32 @@ file whose tail is shown when it fails to start.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
 import httpx
 
 from esper.processes import control
 from esper.processes.control import free_port
 
-_LIVE: weakref.WeakSet[ServiceProcess] = weakref.WeakSet()
-
 
 class ServiceStartError(RuntimeError):
     pass
 
 
-class ServiceProcess:
+class ServiceProcess(control.ChildProcess):
     """`env` is added to this process's environment; `port_env` names the variable the service
     reads its port from (e.g. `URZA_PORT`). Variables of this process's environment that start
     with one of `drop_inherited` (e.g. `("URZA_", "ESPER_BUS_")`) are not passed on, so that a
     developer's shell cannot change what a test expects; `env` and the port always are."""
+
+    stop_timeout_s = 15.0
 
     def __init__(
         self,
@@ -59,32 +56,24 @@ class ServiceProcess:
         self.startup_timeout_s = startup_timeout_s
         directory = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="esper-svc-"))
         self.log_path = directory / f"{module.replace('.', '_')}-{self.port}.log"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def start(self) -> ServiceProcess:
         if self.running:
             return self
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", self.module],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C in the test run does not reach it first
+            self._adopt(
+                subprocess.Popen(
+                    [sys.executable, "-m", self.module],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # a Ctrl-C in the test run does not reach it first
+                )
             )
-        _LIVE.add(self)
         self._wait_ready()
         return self
 
@@ -106,48 +95,11 @@ class ServiceProcess:
             f"{self.startup_timeout_s} s:\n{self.log_tail()}"
         )
 
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM (a graceful shutdown); SIGKILL if it has not exited after `timeout_s`."""
-        if self._proc is not None:
-            control.terminate(self._proc, timeout_s)
-        self._proc = None
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, with no shutdown code run."""
-        if self._proc is not None:
-            control.kill(self._proc)
-        self._proc = None
-
     def restart(self, *, kill: bool = False) -> ServiceProcess:
         self.kill() if kill else self.stop()
         return self.start()
-
-    def __enter__(self) -> ServiceProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-        _LIVE.discard(self)
 
     def __repr__(self) -> str:
         return (
             f"ServiceProcess({self.module}, {self.url}, {'running' if self.running else 'stopped'})"
         )
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for service in list(_LIVE):
-        with contextlib.suppress(Exception):
-            service.kill()
