@@ -10,10 +10,10 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 SERVICES := urza tolaria tamiyo nissa
 PACKAGES := libs/esper-core $(foreach s,$(SERVICES),services/$(s))
 TESTS := libs/esper-core/tests $(foreach s,$(SERVICES),services/$(s)/tests) tests/integration \
-	tests/e2e/test_compose_file.py
+	tests/e2e/test_compose_file.py tests/contract tests/faults
 LINTED := libs services benchmarks examples
 
-.PHONY: dev test test-tools e2e lint bench up demo proto clean
+.PHONY: dev test test-tools e2e env lint bench up demo proto clean
 
 $(STAMP): constraints.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-tools:
 # The compose stack end to end (starts a Docker engine with ../shared/tools/docker-sandbox if none).
 e2e: $(STAMP)
 	bash deploy/docker/e2e.sh $(PYTEST_ARGS)
+
+# .env for docker-compose.yml: .env.example with fresh random tokens and signing key, which the
+# compose stack requires. An existing .env is left alone (delete it for new secrets).
+env:
+	$(PYTHON) deploy/docker/make_env.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)

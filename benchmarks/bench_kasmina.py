@@ -170,7 +170,7 @@ def main() -> None:
     figures.update(compare_case("cnn", cnn(), torch.randn(64, 3, 32, 32), rounds=400))
     figures["attach_p50_ms"] = asyncio.run(attach_p50()) * 1e3
     verdicts = {
-        f"{figure}_{label}": verdict(figures, figure, label)
+        f"verdict_{figure}_{label}": verdict(figures, figure, label)
         for figure in TARGETS
         for label in ("mlp", "cnn")
     }
@@ -180,7 +180,7 @@ def main() -> None:
         json.dumps({"bench": "kasmina", **{k: round(v, 4) for k, v in figures.items()}, **verdicts})
     )
     print(
-        f"kasmina: {line} verdicts: {said} (targets: dormant ≤ 1.01, active_lowrank ≤ 1.05, "
+        f"kasmina: {line} {said} (targets: dormant ≤ 1.01, active_lowrank ≤ 1.05, "
         "attach_p50_ms ≤ 1; a verdict needs the 95 % interval within the target)"
     )
 

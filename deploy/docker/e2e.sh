@@ -4,7 +4,9 @@
 # On a machine with no Docker engine answering, it first starts one with the sandbox tool
 # (../shared/tools/docker-sandbox: installs dockerd and Compose v1, builds local stand-ins for the
 # base images; about 2 minutes the first time). ESPER_E2E=1 makes the test fail rather than skip
-# when something it needs is missing. Extra arguments go to pytest.
+# when something it needs is missing. Extra arguments go to pytest. The stack requires its tokens
+# and signing key: the test generates fresh ones and passes them in compose's environment (no
+# .env needed; one that exists is overridden for the test's project only).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

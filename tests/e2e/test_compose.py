@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -61,6 +62,8 @@ PUBLISHED = {
     "prometheus": "PROMETHEUS_PUBLISHED_PORT",
     "grafana": "GRAFANA_PUBLISHED_PORT",
 }
+SECRETS = ("URZA_API_TOKEN", "TOLARIA_API_TOKEN", "TAMIYO_API_TOKEN", "NISSA_API_TOKEN")
+SECRETS += ("URZA_SIGNING_KEY",)  # what docker-compose.yml requires
 HEALTHY_TIMEOUT_S = 240.0  # every container's start-up, on a 2-core machine with a vfs engine
 JOB_TIMEOUT_S = 300.0  # the demo job takes ~15 s here; the margin is for slow CI machines
 SCRAPE_TIMEOUT_S = 60.0  # Prometheus scrapes Nissa every 5 s
@@ -99,10 +102,18 @@ class Stack:
     env: dict[str, str]
     client: Any  # docker.DockerClient
     ports: dict[str, int]
+    secrets: dict[str, str]
     timings: dict[str, float] = field(default_factory=dict)
 
     def url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.ports[service]}"
+
+    def api(self, service: str) -> httpx.Client:
+        """A client of the service that carries its bearer token."""
+        token = self.secrets[f"{service.upper()}_API_TOKEN"]
+        return httpx.Client(
+            base_url=self.url(service), timeout=30, headers={"Authorization": f"Bearer {token}"}
+        )
 
     def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         """A compose command on the test's project; its output is kept for the failure report."""
@@ -172,12 +183,16 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
         _skip_or_fail(f"no Docker engine answers ({type(err).__name__}: {err})")
     compose = _compose_command()
     ports = {service: _free_port() for service in PUBLISHED}
+    # The stack requires its tokens and signing key (what `make env` writes to .env); fresh ones
+    # here, set in the environment, which wins over a developer's .env.
+    secrets_ = {name: secrets.token_urlsafe(32) for name in SECRETS}
     env = {
         **os.environ,
         **{variable: str(ports[service]) for service, variable in PUBLISHED.items()},
+        **secrets_,
         "ESPER_BIND_ADDRESS": "127.0.0.1",
     }
-    stack = Stack(compose=compose, env=env, client=client, ports=ports)
+    stack = Stack(compose=compose, env=env, client=client, ports=ports, secrets=secrets_)
     total = time.monotonic()
 
     started = time.monotonic()
@@ -256,8 +271,16 @@ def test_the_growth_demo_job_succeeds_with_a_germinated_seed_and_reaches_prometh
     stack: Stack,
 ) -> None:
     started = time.monotonic()
-    tolaria = httpx.Client(base_url=stack.url("tolaria"), timeout=30)
+    tolaria = stack.api("tolaria")
     spec = (ROOT / "examples/jobs/spirals.yaml").read_bytes()
+    # The tokens are in force: without one, the job is refused.
+    anonymous = httpx.post(
+        f"{stack.url('tolaria')}/jobs",
+        content=spec,
+        headers={"Content-Type": "application/yaml"},
+        timeout=30,
+    )
+    assert anonymous.status_code == 401, anonymous.text
     submitted = tolaria.post("/jobs", content=spec, headers={"Content-Type": "application/yaml"})
     assert submitted.status_code == 202, submitted.text
     job_id = submitted.json()["job_id"]
@@ -271,7 +294,7 @@ def test_the_growth_demo_job_succeeds_with_a_germinated_seed_and_reaches_prometh
     # Tamiyo germinated on the plateau, and the job applied it. A germinated seed that Tamiyo
     # later retired is no longer in the job view's `seeds` (only live seeds are), so the
     # decision records and the job's events are what show that growth happened.
-    tamiyo = httpx.Client(base_url=stack.url("tamiyo"), timeout=30)
+    tamiyo = stack.api("tamiyo")
     records = tamiyo.get("/decisions", params={"job_id": job_id, "limit": 1000}).json()["items"]
     germinated = [
         r

@@ -8,6 +8,8 @@ could pull a CUDA build.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 ESPER_SERVICES = {"tolaria": 8001, "tamiyo": 8002, "nissa": 8003, "urza": 8004}
-VARIABLE = re.compile(r"\$\{([A-Z0-9_]+)(?::?-[^}]*)?\}")
+VARIABLE = re.compile(r"\$\{([A-Z0-9_]+)(?::?[-?][^}]*)?\}")
+REQUIRED = re.compile(r"^\$\{([A-Z0-9_]+):\?[^}]+\}$")
+SECRETS = ("URZA_API_TOKEN", "TOLARIA_API_TOKEN", "TAMIYO_API_TOKEN", "NISSA_API_TOKEN")
+SECRETS += ("URZA_SIGNING_KEY",)
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +113,67 @@ def test_the_dockerfile_pins_torch_and_runs_unprivileged(dockerfile: str) -> Non
             assert "USER esper:esper" in stage and "HEALTHCHECK" in stage, name
             assert f'CMD ["python", "-m", "{name}"]' in stage, name
             assert f"EXPOSE {ESPER_SERVICES[name]}" in stage, name
+
+
+def test_tokens_and_signing_key_are_required(compose: dict[str, Any]) -> None:
+    """Each service's own token, the Urza token it calls with and the signing key are
+    `${NAME:?...}`: compose refuses to start a stack whose routes would be open."""
+    expected = {
+        "urza": {"URZA_API_TOKEN": "URZA_API_TOKEN", "URZA_SIGNING_KEY": "URZA_SIGNING_KEY"},
+        "tolaria": {
+            "TOLARIA_API_TOKEN": "TOLARIA_API_TOKEN",
+            "TOLARIA_URZA_TOKEN": "URZA_API_TOKEN",
+            "TOLARIA_KERNEL_SIGNING_KEY": "URZA_SIGNING_KEY",
+        },
+        "tamiyo": {"TAMIYO_API_TOKEN": "TAMIYO_API_TOKEN", "TAMIYO_URZA_TOKEN": "URZA_API_TOKEN"},
+        "nissa": {"NISSA_API_TOKEN": "NISSA_API_TOKEN", "NISSA_URZA_TOKEN": "URZA_API_TOKEN"},
+    }
+    for name, variables in expected.items():
+        environment = compose["services"][name]["environment"]
+        for key, source in variables.items():
+            match = REQUIRED.match(str(environment.get(key)))
+            assert match and match.group(1) == source, f"{name}: {key}={environment.get(key)!r}"
+    # No secret passes through by bare name any more (that form allowed an open stack).
+    for name in ESPER_SERVICES:
+        environment = compose["services"][name]["environment"]
+        bare = [k for k, v in environment.items() if v is None and ("TOKEN" in k or "KEY" in k)]
+        assert not bare, f"{name}: {bare}"
+
+
+def make_env(*args: str) -> subprocess.CompletedProcess[str]:
+    script = ROOT / "deploy/docker/make_env.py"
+    return subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def read_env(path: Path) -> dict[str, str]:
+    pairs = re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", path.read_text(), re.M)
+    return dict(pairs)
+
+
+def test_make_env_writes_fresh_secrets_and_never_overwrites(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.env", tmp_path / "second.env"
+    assert make_env("--out", str(first)).returncode == 0
+    assert make_env("--out", str(second)).returncode == 0
+    one, two = read_env(first), read_env(second)
+    for name in SECRETS:
+        assert len(one[name]) >= 32 and re.fullmatch(r"[A-Za-z0-9_-]+", one[name]), name
+        assert one[name] != two[name], f"{name} is not fresh"
+    assert len({one[name] for name in SECRETS}) == len(SECRETS)
+    assert first.stat().st_mode & 0o077 == 0, "a file of secrets must be private"
+    # Everything else is .env.example's value.
+    example = read_env(ROOT / ".env.example")
+    assert {k: v for k, v in one.items() if k not in SECRETS} == example
+
+    before = first.read_text()
+    again = make_env("--out", str(first))
+    assert again.returncode != 0 and "exists" in again.stderr
+    assert first.read_text() == before
+
+
+def test_make_env_covers_every_secret_compose_requires() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", text))
+    assert required == set(SECRETS)
+    assert "\nenv:" in (ROOT / "Makefile").read_text()

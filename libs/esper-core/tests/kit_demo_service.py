@@ -8,11 +8,13 @@ at start, for the start-failure path of `ServiceProcess`.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
@@ -78,6 +80,27 @@ def demo_router(probe: Probe) -> APIRouter:
     async def upload(request: Request) -> dict[str, int]:
         probe.calls["upload"] += 1
         return {"received": len(await request.body())}
+
+    # A second route on /upload's path: a 405 there allows the methods of both.
+    @router.get("/upload")
+    async def upload_limit(request: Request) -> dict[str, int]:
+        return {"limit": request.app.state.settings.max_body_bytes}
+
+    @router.post("/form")
+    async def form(request: Request) -> dict[str, int]:
+        return {"fields": len(await request.form())}
+
+    @router.post("/parse")
+    async def parse(request: Request) -> dict[str, str]:
+        """Parses its body itself, as routes that take JSON or YAML do."""
+        return {"type": type(json.loads(await request.body())).__name__}
+
+    @router.get("/report", response_class=HTMLResponse, responses=error_responses(404, 422))
+    async def report(missing: bool = False) -> HTMLResponse:
+        """A route whose answer is text, and whose errors are JSON like every route's."""
+        if missing:
+            raise ApiError(404, "not_found", "no such report")
+        return HTMLResponse("<p>report</p>")
 
     @router.post("/big")
     async def big(request: Request) -> dict[str, int]:

@@ -24,7 +24,11 @@ from esper.exceptions import (
     ConfigError,
     DigestMismatchError,
     KernelFetchError,
+    KernelUnreachableError,
+    ServiceError,
+    ServiceUnreachableError,
     UnknownKernelError,
+    is_transient,
 )
 from esper.kernels import (
     KernelArtifact,
@@ -650,6 +654,55 @@ async def test_connection_refused_is_retried_then_the_breaker_opens_then_recover
     finally:
         urza.close()
         await http.aclose()
+
+
+async def test_urza_unreachable_or_its_circuit_open_is_worth_retrying_other_failures_are_not(
+    urza: ScriptedUrza, artifact: KernelArtifact
+) -> None:
+    """A job retries a germination only on KernelUnreachableError (esper.exceptions.is_transient):
+    the tier raises it for no answer and for an open circuit, and the cache keeps it through its
+    tiers, for ids and names alike; Urza answering 500 is not one."""
+    down = fast_tier(
+        f"http://127.0.0.1:{free_port()}", retries=0, breaker_threshold=1, breaker_reset_s=30
+    )
+    cache = KernelCache([down])
+    with pytest.raises(KernelUnreachableError, match="ConnectError") as refused:
+        await cache.get(kid(artifact))
+    assert is_transient(refused.value)
+    with pytest.raises(KernelUnreachableError, match="circuit open"):
+        await cache.get(kid(artifact))
+    with pytest.raises(KernelUnreachableError, match="circuit open"):
+        await cache.resolve("eff_v1")
+    await down.aclose()
+
+    path = f"/kernels/{kid(artifact)}/artifact"
+    urza.on(path, Reply(500, error_body("internal", "disk on fire")))
+    up = fast_tier(urza.url)
+    with pytest.raises(KernelFetchError, match="disk on fire") as failed:
+        await KernelCache([up]).get(kid(artifact))
+    assert not is_transient(failed.value)
+    await up.aclose()
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (ServiceUnreachableError("urza", "POST /kernels/compile: ConnectError"), True),
+        (ServiceError("urza", 429, "rate_limited", "slow down", retry_after_s=1.0), True),
+        (ServiceError("urza", 502, "bad_gateway", "upstream"), True),
+        (ServiceError("urza", 503, "unavailable", "warming up"), True),
+        (ServiceError("urza", 504, "gateway_timeout", "upstream"), True),
+        (KernelUnreachableError("every tier failed: http: circuit open"), True),
+        (ServiceError("urza", 500, "internal", "a bug answers the same each time"), False),
+        (ServiceError("urza", 404, "unknown_blueprint", "no blueprint 'x'"), False),
+        (ServiceError("urza", 422, "compile_error", "export failed"), False),
+        (KernelFetchError("every tier failed: http: HTTP 401"), False),
+        (DigestMismatchError("digest mismatch"), False),
+        (RuntimeError("no Urza is configured"), False),
+    ],
+)
+def test_which_errors_are_transient(error: Exception, transient: bool) -> None:
+    assert is_transient(error) is transient
 
 
 async def test_while_a_trial_is_in_flight_other_calls_are_short_circuited(

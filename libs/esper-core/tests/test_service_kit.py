@@ -191,6 +191,76 @@ def test_unknown_route_and_wrong_method(app: Running) -> None:
     assert "GET" in response.headers["allow"]
 
 
+def test_wrong_method_allows_every_method_of_the_path(app: Running) -> None:
+    # POST /upload and GET /upload are two routes: the first alone would say "POST".
+    response = app.client.delete("/upload")
+    assert response.status_code == 405
+    assert error_of(response).error.type == "method_not_allowed"
+    allowed = {m.strip() for m in response.headers["allow"].split(",")}
+    assert {"GET", "POST"} <= allowed
+
+
+def test_deeply_nested_body_is_422_and_the_connection_stays_usable(app: Running) -> None:
+    # Deeper than the interpreter's recursion limit, and inside this app's body limit.
+    deep = b"[" * (sys.getrecursionlimit() * 3)
+    assert len(deep) <= MAX_BODY
+    for path in ("/parse", "/items"):
+        response = app.client.post(path, content=deep, headers={"content-type": "application/json"})
+        assert response.status_code == 422, response.text
+        body = error_of(response)
+        assert body.error.type == "validation_error"
+        assert body.error.location == ["body"]
+        # The same client (the same keep-alive connection) is served next.
+        assert app.client.get("/items/1").status_code == 200
+
+
+def test_a_body_that_is_not_text_is_422_not_a_bare_400(app: Running) -> None:
+    response = app.client.post(
+        "/items", content=b"\xff\xfe\x80", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    body = error_of(response)
+    assert (body.error.type, body.error.location) == ("validation_error", ["body"])
+
+    # A multipart form that is not one: Starlette's own bare 400, made the same 422.
+    response = app.client.post(
+        "/form",
+        content=b"--b\r\nnot a part--b--\r\n",
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
+    assert response.status_code == 422, response.text
+    body = error_of(response)
+    assert (body.error.type, body.error.location) == ("validation_error", ["body"])
+
+
+def test_error_answers_of_text_routes_are_documented_as_json(app: Running) -> None:
+    document = app.client.get("/openapi.json").json()
+    answers = document["paths"]["/report"]["get"]["responses"]
+    assert set(answers["200"]["content"]) == {"text/html"}
+    for code in ("404", "422"):
+        assert set(answers[code]["content"]) == {"application/json"}, answers[code]
+        assert answers[code]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorBody"
+        }
+    assert app.client.get("/report", params={"missing": "true"}).status_code == 404
+
+
+def test_guarded_operations_document_their_401_and_403(start_app: Callable[..., Running]) -> None:
+    app = start_app(api_token=SecretStr("kit-token"))
+    document = app.client.get("/openapi.json").json()
+    guarded = document["paths"]["/items"]["post"]
+    assert guarded["security"]
+    for code in ("401", "403"):
+        schema = guarded["responses"][code]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ErrorBody"}
+    open_route = document["paths"]["/items/{item_id}"]["get"]
+    assert "security" not in open_route and "401" not in open_route["responses"]
+    # The documented answers are the ones given.
+    assert app.client.post("/items", json={"name": "x"}).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert app.client.post("/items", json={"name": "x"}, headers=wrong).status_code == 403
+
+
 def test_unexpected_exception_is_500_without_its_text_and_logged(
     app: Running, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -202,6 +202,34 @@ async def test_without_a_type_the_status_names_it_and_the_message_is_bounded(
     assert (info.type, info.location, len(info.message)) == ("validation_error", None, 4000)
 
 
+@pytest.mark.parametrize(
+    "outage",
+    [
+        redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379."),
+        redis.exceptions.TimeoutError("Timeout reading from socket"),
+        redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"),
+    ],
+)
+async def test_redis_away_is_503_with_retry_after_on_every_service(outage: Exception) -> None:
+    router = APIRouter()
+
+    @router.get("/needs-redis")
+    async def needs_redis() -> None:
+        raise outage
+
+    app = create_app(
+        service="plumbing",
+        version="0.0.1",
+        settings=PlumbingSettings(heartbeat=False),
+        routers=[router],
+    )
+    async with client_of(app) as client:
+        response = await client.get("/needs-redis")
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) > 0
+    assert error_of(response).error.type == "unavailable"
+
+
 # --- background loops -----------------------------------------------------------------------
 
 

@@ -21,7 +21,13 @@ from tamiyo_helpers import (
     transition,
 )
 
-from esper.contracts import REFUSAL_CODES, ControlDecision, JobStatusChanged, RefusalCode
+from esper.contracts import (
+    REFUSAL_CODES,
+    TRANSIENT_REFUSALS,
+    ControlDecision,
+    JobStatusChanged,
+    RefusalCode,
+)
 from tamiyo.choice import BlueprintInfo, choose_blueprint, rank_layers
 from tamiyo.config import PolicyConfig
 from tamiyo.controller import build_decision
@@ -381,7 +387,8 @@ WORDINGS = (
 )
 
 
-@pytest.mark.parametrize("code", REFUSAL_CODES)
+# The transient ones ("not now") have their own tests below: a short cooldown, nobody charged.
+@pytest.mark.parametrize("code", [c for c in REFUSAL_CODES if c not in TRANSIENT_REFUSALS])
 def test_a_refusal_is_acted_on_by_its_code_whatever_its_words(code: RefusalCode) -> None:
     effects = {refusal_effect(code, reason) for reason in WORDINGS}
     assert len(effects) == 1, effects
@@ -407,6 +414,75 @@ def test_the_same_words_under_another_code_act_differently() -> None:
     assert effects["no_free_slot"][0] is True
     assert effects["kernel_unavailable"][0] is False
     assert effects["kernel_unavailable"][3] == (("residual_mlp", 1),)
+
+
+def test_a_transient_refusal_charges_nobody_and_the_growth_is_decided_again() -> None:
+    """Urza was unreachable until the job's deadline (`kernel_unreachable`): the blueprint is
+    not penalised, and after the short retry cooldown (not the full one) the same growth is
+    decided again, the plateau that called for it still standing."""
+    driver = Driver(**{**FAST, "cooldown_epochs": 5, "retry_cooldown_epochs": 1})
+    epoch, decision_id = germinated(driver)
+    stale = driver.state.pending.stale_epochs  # type: ignore[union-attr]
+    assert stale >= FAST["patience"]
+    refusal = taken(
+        "job-1",
+        decision_id,
+        "refused",
+        slot=None,
+        reason="no kernel for blueprint 'residual_mlp' on layer '2': unreachable for 30.0 s",
+        code="kernel_unreachable",
+    )
+    assert refusal.transient
+    assert driver.event(refusal)
+
+    state = driver.state
+    assert state.pending is None and state.cooldown_until == epoch + 1
+    record = state.blueprints["residual_mlp"]
+    assert (record.failures, record.tried) == (0, 0)
+    assert not state.layers["2"].full and state.layers["2"].failures == 0
+    assert state.stale_epochs == stale and "refused for now" in state.note
+    assert driver.feed(report("job-1", epoch + 1, 0.69)) == []  # the retry cooldown
+    assert "cooling down" in driver.state.note
+    [again] = driver.feed(report("job-1", epoch + 2, 0.69))
+    assert (again.action, again.layer) == ("germinate", "2")
+    assert again.blueprint == "residual_mlp"  # diversify: it still counts as never tried
+
+
+def test_transient_refusals_repeated_never_penalise_the_blueprint() -> None:
+    driver = Driver(
+        **{**FAST, "retry_cooldown_epochs": 0, "max_blueprint_failures": 1},
+        blueprints=["residual_mlp"],
+    )
+    epoch = 0
+    for _ in range(4):
+        epoch, decision_id = germinated(driver, upto=epoch + 4, start=epoch)
+        driver.event(
+            taken(
+                "job-1",
+                decision_id,
+                "refused",
+                slot=None,
+                reason="Urza unreachable",
+                code="kernel_unreachable",
+            )
+        )
+        epoch += 1  # retry_cooldown_epochs 0: the very next epoch report may germinate again
+    assert driver.state.blueprints["residual_mlp"].failures == 0
+    assert driver.state.germinations == 4
+
+
+def test_a_transient_refusal_after_the_loss_improved_leaves_the_fresh_plateau() -> None:
+    """Reports read while the job retried showed a new best: that plateau is over, and a new one
+    must form before the next germination."""
+    driver = Driver(**{**FAST, "retry_cooldown_epochs": 0})
+    epoch, decision_id = germinated(driver)
+    driver.feed(report("job-1", epoch + 1, 0.5))  # better than 0.69 by more than min_delta
+    driver.event(
+        taken("job-1", decision_id, "refused", slot=None, reason="x", code="kernel_unreachable")
+    )
+    assert (driver.state.best_val_loss, driver.state.stale_epochs) == (0.5, 0)
+    assert driver.feed(report("job-1", epoch + 2, 0.5)) == []
+    assert "no plateau" in driver.state.note
 
 
 def test_a_germination_never_answered_is_given_up() -> None:

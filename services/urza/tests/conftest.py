@@ -35,6 +35,8 @@ from esper.testing.pytest_plugin import (  # noqa: F401
 
 TOKEN = "urza-test-token"
 SIGNING_KEY = "urza-test-signing-key"
+ADMIN_TOKEN = "urza-test-admin-token"
+"""URZA_ADMIN_TOKEN: sent as `X-Esper-Admin-Token`, it lets an upload be TorchScript."""
 HEARTBEAT_INTERVAL_S = 0.2
 BUS_PREFIX = "esper"
 """The module Urza publishes on `esper:events` and `esper:health`; factory Urzas get their own
@@ -63,6 +65,7 @@ def urza_process(
         "URZA_DATA_DIR": str(data_dir),
         "URZA_API_TOKEN": TOKEN,
         "URZA_SIGNING_KEY": SIGNING_KEY,
+        "URZA_ADMIN_TOKEN": ADMIN_TOKEN,
         "URZA_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_INTERVAL_S),
         "URZA_LOG_JSON": "false",
         "URZA_INSTANCE": f"urza-test-{next(_instances)}",
@@ -192,3 +195,8 @@ def signing_key() -> bytes:
 @pytest.fixture(scope="session")
 def token() -> str:
     return TOKEN
+
+
+@pytest.fixture(scope="session")
+def admin_token() -> str:
+    return ADMIN_TOKEN

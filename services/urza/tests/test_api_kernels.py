@@ -519,6 +519,29 @@ def test_tampered_blob_is_reported_never_served(
     assert healed.content == original
 
 
+def test_revalidating_a_tampered_blob_is_not_told_it_is_fresh(
+    api: httpx.Client, anon: httpx.Client, blob_of: Callable[[KernelMeta], Path]
+) -> None:
+    resp = compile_kernel(api, linear(24, 12), fmt="torchscript")
+    assert resp.status_code in (200, 201), resp.text
+    kernel = KernelResult.model_validate(resp.json()).kernel
+    url = f"/kernels/{kernel.kernel_id}/artifact"
+    etag = anon.get(url).headers["etag"]
+    blob = blob_of(kernel)
+    original = blob.read_bytes()
+    blob.write_bytes(original[:-1] + bytes([original[-1] ^ 0xFF]))
+    try:
+        # A cache holding the good bytes revalidates: it learns of the corruption as a GET does.
+        refused = anon.get(url, headers={"If-None-Match": etag})
+        expect_error(refused, 500, "corrupt_artifact", ["path", "kernel_id"])
+        blob.unlink()
+        missing = anon.get(url, headers={"If-None-Match": etag})
+        expect_error(missing, 500, "corrupt_artifact", ["path", "kernel_id"])
+    finally:
+        blob.write_bytes(original)
+    assert anon.get(url, headers={"If-None-Match": etag}).status_code == 304
+
+
 # -------------------------------------------------------------------------------------- upload
 def test_upload_a_trained_kernel_then_the_same_again(
     api: httpx.Client,

@@ -199,6 +199,7 @@ def test_everything_survives_a_graceful_restart(
     api: httpx.Client,
     anon: httpx.Client,
     token: str,
+    admin_token: str,
 ) -> None:
     spec = anon.get("/blueprints/low_rank").json()["spec"]
     spec.update(name="durable_blueprint", params={"rank": 3})
@@ -212,7 +213,12 @@ def test_everything_survives_a_graceful_restart(
         "host": compiled.host.model_dump(mode="json"),
         "lineage": {"parent_kernel_id": compiled.kernel_id, "job_id": "job-durable"},
     }
-    upload = api.post("/kernels", data={"meta": json.dumps(meta)}, files={"artifact": ("k", data)})
+    upload = api.post(
+        "/kernels",
+        data={"meta": json.dumps(meta)},
+        files={"artifact": ("k", data)},
+        headers={"X-Esper-Admin-Token": admin_token},  # TorchScript: an admin's upload
+    )
     assert upload.status_code == 201, upload.text
     uploaded = KernelResult.model_validate(upload.json()).kernel
     listing = anon.get("/kernels", params={"limit": 1000}).json()

@@ -18,13 +18,16 @@
     ├── KernelError
     │   ├── UnknownKernelError          no kernel of that id or name                  LookupError
     │   ├── KernelFetchError            a cache tier failed to deliver
+    │   │   └── KernelUnreachableError  …because what holds it could not be reached: retry
     │   ├── KernelMismatchError         the kernel's output does not fit the host
     │   │   ├── KernelShapeError
     │   │   └── KernelDtypeError
     │   └── ArtifactError               the artifact bytes cannot be trusted or read
     │       ├── CorruptArtifactError
     │       ├── DigestMismatchError
-    │       └── SignatureMismatchError
+    │       ├── SignatureMismatchError
+    │       ├── UnsafeKernelError       its program calls an operator off the allow-list
+    │       └── UntrustedKernelError    its format runs code at load, and nobody vouches for it
     ├── MessageError                    a bus message that cannot be handled as sent
     │   ├── MalformedMessageError       not JSON, or not an envelope
     │   ├── UnknownMessageTypeError     no contract of that type
@@ -119,6 +122,11 @@ class KernelFetchError(KernelError):
     pass
 
 
+class KernelUnreachableError(KernelFetchError):
+    """No tier delivered the kernel, and at least one failed for want of an answer (Urza down or
+    restarting, its circuit open): unlike a refused artifact, asking again later may work."""
+
+
 class KernelMismatchError(KernelError):
     pass
 
@@ -145,6 +153,16 @@ class DigestMismatchError(ArtifactError):
 
 class SignatureMismatchError(ArtifactError):
     pass
+
+
+class UnsafeKernelError(ArtifactError):
+    """The kernel's program calls an operator that is not tensor math (see
+    esper.kernels.inspection); nothing of it ran."""
+
+
+class UntrustedKernelError(ArtifactError):
+    """The kernel's format runs code while it loads (TorchScript's `__setstate__`), which cannot
+    be inspected first, and neither Urza nor the caller vouches for it."""
 
 
 class MessageError(EsperError):
@@ -199,3 +217,19 @@ class ServiceUnreachableError(ServiceError):
 
     def __init__(self, service: str, message: str) -> None:
         super().__init__(service, 503, "unreachable", message)
+
+
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+"""Answers that say "not now" rather than "no": too many requests, and a gateway or the service
+itself unavailable. A 500 is not among them: it is what a bug answers, the same way each time."""
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether `err` says the other side could not be reached or asked to come back later, so
+    the same request may succeed when retried; everything else (an unknown name, bad input, a
+    refused artifact, a bug) answers the same way next time."""
+    if isinstance(err, KernelUnreachableError):
+        return True
+    if isinstance(err, ServiceError):
+        return err.status in RETRYABLE_STATUSES
+    return False

@@ -7,12 +7,18 @@ the bus; every service keeps its state under one root directory.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from esper.processes import RedisServer, ServiceProcess
+from esper.processes.control import ChildProcess
+
+HOST = "127.0.0.1"
+"""Where every process of the local stack listens: its routes may be open (no tokens), so it is
+never reachable from another machine."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,14 @@ START_ORDER = ("urza", "tolaria", "tamiyo", "nissa")
 class LocalStack:
     """`services` in start order (Urza first: Tolaria compiles through it). `fixed_ports` uses
     the default ports (8001–8004, Redis 6379) instead of free ones; `env` is added to every
-    service's environment (e.g. `TAMIYO_WARMUP_EPOCHS`)."""
+    service's environment (e.g. `TAMIYO_WARMUP_EPOCHS`). `data_dir` is Tolaria's data directory
+    (default `<root>/data`).
+
+    `die_with_parent`: on Linux the kernel sends every process of the stack SIGTERM when the
+    thread that started it exits, even if this process is SIGKILLed. That thread must live as
+    long as the stack (`esper up` starts and restarts everything from its main thread); off by
+    default, so a test that starts a stack from a helper thread does not lose it with the
+    thread."""
 
     def __init__(
         self,
@@ -49,6 +62,8 @@ class LocalStack:
         env: Mapping[str, str] | None = None,
         bus_prefix: str = "esper",
         startup_timeout_s: float = 90.0,
+        data_dir: str | Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         unknown = [s for s in services if s not in SERVICES]
         if unknown:
@@ -59,8 +74,15 @@ class LocalStack:
         self.extra_env = dict(env or {})
         self.bus_prefix = bus_prefix
         self.startup_timeout_s = startup_timeout_s
+        self.data_dir = Path(data_dir).resolve() if data_dir is not None else self.root / "data"
+        self.death_signal = signal.SIGTERM if die_with_parent else None
         self.redis: RedisServer | None = None
         self.services: dict[str, ServiceProcess] = {}
+
+    def children(self) -> dict[str, ChildProcess]:
+        """Every process of the stack by name, Redis first."""
+        started: dict[str, ChildProcess] = {"redis": self.redis} if self.redis is not None else {}
+        return {**started, **self.services}
 
     @property
     def redis_url(self) -> str:
@@ -79,9 +101,11 @@ class LocalStack:
             "ESPER_BUS_PREFIX": self.bus_prefix,
             "URZA_DATA_DIR": str(self.root / "urza"),
             "TOLARIA_WORK_DIR": str(self.root / "tolaria"),
-            "TOLARIA_DATA_DIR": str(self.root / "data"),
+            "TOLARIA_DATA_DIR": str(self.data_dir),
             "TAMIYO_DATA_DIR": str(self.root / "tamiyo"),
             "NISSA_DATA_DIR": str(self.root / "nissa"),
+            # A `<SERVICE>_HOST=0.0.0.0` left in a shell must not expose the open routes.
+            f"{SERVICES[name].prefix}HOST": HOST,
         }
         if "urza" in self.services:
             base["TOLARIA_URZA_URL"] = self.services["urza"].url
@@ -92,15 +116,19 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "data").mkdir(exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.redis = RedisServer(
-            directory=self.root / "redis", appendonly=True, port=6379 if self.fixed_ports else None
+            directory=self.root / "redis",
+            appendonly=True,
+            port=6379 if self.fixed_ports else None,
+            death_signal=self.death_signal,
         )
         (self.root / "redis").mkdir(exist_ok=True)
-        self.redis.start()
         logs = self.root / "logs"
         logs.mkdir(exist_ok=True)
         try:
+            # Inside the try: a signal that stops `esper up` while Redis starts stops it too.
+            self.redis.start()
             for name in self.names:
                 info = SERVICES[name]
                 process = ServiceProcess(
@@ -110,8 +138,11 @@ class LocalStack:
                     log_dir=logs,
                     port=info.default_port if self.fixed_ports else None,
                     startup_timeout_s=self.startup_timeout_s,
+                    death_signal=self.death_signal,
                 )
-                self.services[name] = process.start()
+                # Registered before it starts, so that a failed or interrupted start stops it.
+                self.services[name] = process
+                process.start()
         except BaseException:
             self.stop()
             raise
@@ -123,6 +154,11 @@ class LocalStack:
             self.services[name].stop()
         if self.redis is not None:
             self.redis.stop()
+
+    def kill(self) -> None:
+        """SIGKILL every process: for when an orderly `stop()` was itself interrupted."""
+        for child in self.children().values():
+            child.kill()
 
     def __enter__(self) -> LocalStack:
         return self.start()

@@ -115,6 +115,14 @@ class PolicyConfig(BaseModel):
         le=100_000,
         description="epochs without germination after a retirement or a refused germination",
     )
+    retry_cooldown_epochs: int = Field(
+        default=1,
+        ge=0,
+        le=100_000,
+        description="epochs without germination after a germination refused for a cause that "
+        "may pass (Urza unreachable: `kernel_unreachable`), which charges no blueprint; "
+        "0: the next epoch report may germinate again",
+    )
     max_seeds_per_job: int = Field(
         default=4,
         ge=0,

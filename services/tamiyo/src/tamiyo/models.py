@@ -115,6 +115,12 @@ class Pending(_State):
     origin: Origin
     epoch: int | None = Field(description="the job's last reported epoch when it was published")
     target_alpha: float
+    best_val_loss: float | None = Field(
+        default=None,
+        description="the plateau when it was published, to resume it if the job "
+        "could not apply it for a cause that may pass",
+    )
+    stale_epochs: int = 0
 
 
 class BlueprintRecord(_State):

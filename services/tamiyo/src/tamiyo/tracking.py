@@ -292,6 +292,9 @@ def _refused(state: JobState, pending: Pending, event: DecisionTaken, config: Po
     """A refusal for want of room, or because the job grows no seeds, is not the blueprint's
     fault; anything else is charged to it. Decided by the refusal's code alone: its reason is
     for people, and rewording it must not change what Tamiyo does."""
+    if event.transient:
+        _not_now(state, pending, event, config)
+        return
     layer = state.layers.get(pending.layer)
     match event.code:
         case "no_free_slot":
@@ -308,6 +311,33 @@ def _refused(state: JobState, pending: Pending, event: DecisionTaken, config: Po
         config.cooldown_epochs
     )
     state.note = f"germination {pending.decision_id} refused ({event.code}): {event.reason}"
+
+
+def _not_now(state: JobState, pending: Pending, event: DecisionTaken, config: PolicyConfig) -> None:
+    """A refusal that may pass (Urza unreachable until the job's deadline): the germination never
+    happened. Nobody is charged, the blueprint counts as not tried (diversify picks it again) and
+    the plateau that called for growth stands again, so after `retry_cooldown_epochs` the same
+    growth is decided anew."""
+    if pending.blueprint is not None:
+        record = _record(state, pending.blueprint)
+        record.tried = max(0, record.tried - 1)
+    before = pending.best_val_loss
+    improved = (
+        before is not None
+        and state.best_val_loss is not None
+        and state.best_val_loss < before - config.min_delta
+    )
+    if before is not None and not improved:
+        # Reports read since the germination went on counting from its restart: add them.
+        state.best_val_loss = before
+        state.stale_epochs = pending.stale_epochs + state.stale_epochs
+    state.cooldown_until = (state.last_epoch if state.last_epoch is not None else -1) + (
+        config.retry_cooldown_epochs
+    )
+    state.note = (
+        f"germination {pending.decision_id} refused for now ({event.code}): {event.reason}; "
+        f"deciding again after epoch {state.cooldown_until}"
+    )
 
 
 def under_evaluation(state: JobState) -> SeedTrack | None:
@@ -338,6 +368,8 @@ def register_decision(
             origin=origin,
             epoch=epoch,
             target_alpha=decision.alpha if decision.alpha is not None else 1.0,
+            best_val_loss=state.best_val_loss,
+            stale_epochs=state.stale_epochs,
         )
         state.germinations += 1
         if decision.blueprint is not None:

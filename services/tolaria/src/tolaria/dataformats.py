@@ -13,6 +13,7 @@ import csv
 import gzip
 import io
 import math
+import os
 import pickle
 import struct
 import warnings
@@ -56,6 +57,16 @@ def resolve_path(data_dir: Path, relative: str) -> Path:
     if not target.exists():
         raise SpecError(_PATH, f"file not found: {target}")
     return target
+
+
+def relative_message(message: str, data_dir: Path) -> str:
+    """`message` with the data directory's absolute path (each spelling of it) taken out: files
+    named relative to it, as a spec names them. For API answers: where the directory lies on the
+    server is no client's business (the service's own logs keep the full paths)."""
+    roots = {str(data_dir.resolve()), str(data_dir.absolute())}
+    for root in sorted(roots, key=len, reverse=True):
+        message = message.replace(root + os.sep, "").replace(root, ".")
+    return message
 
 
 def read_files(spec: FileData, data_dir: Path) -> RawData:

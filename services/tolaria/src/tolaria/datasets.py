@@ -53,9 +53,7 @@ def load_dataset(spec: DatasetSpec, data_dir: Path) -> DataSplits:
     else:
         raw = read_files(spec, data_dir)
         x, y, source = raw.x, raw.y, raw.source
-        classes = int(y.max()) + 1
-        if classes < 2:
-            raise SpecError(_DATASET, f"every label is 0 ({source}): a classifier needs 2 classes")
+        classes = _classes_of(y, source)
     train, val, test = split_indices(len(y), spec.split)
     # A copy: standardising in place must not write through to the reader's arrays.
     features = torch.from_numpy(np.array(x, dtype=np.float32))
@@ -80,9 +78,38 @@ def load_dataset(spec: DatasetSpec, data_dir: Path) -> DataSplits:
     )
 
 
+def dataset_geometry(spec: DatasetSpec, data_dir: Path) -> tuple[tuple[int, ...], int, int]:
+    """(one sample's shape, classes, samples), refusing what `load_dataset` would refuse, for
+    checking a spec where the job is submitted: a generated set is checked by arithmetic and
+    never generated; files are read (checking them needs their contents) but neither converted
+    to float32, split nor standardised, each of which would copy them again."""
+    if isinstance(spec, SyntheticData):
+        check_synthetic(spec)
+        return (spec.features,), spec.classes, spec.samples
+    raw = read_files(spec, data_dir)
+    classes = _classes_of(raw.y, raw.source)
+    split_sizes(len(raw.y), spec.split)
+    return tuple(int(d) for d in raw.x.shape[1:]), classes, len(raw.y)
+
+
+def _classes_of(y: np.ndarray[Any, Any], source: str) -> int:
+    classes = int(y.max()) + 1
+    if classes < 2:
+        raise SpecError(_DATASET, f"every label is 0 ({source}): a classifier needs 2 classes")
+    return classes
+
+
 def split_indices(n: int, split: Split) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Disjoint index sets (train, validation, test) of a seeded permutation of `range(n)`.
     Each held-out split gets at least one sample when its fraction is above 0."""
+    n_val, n_test = split_sizes(n, split)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(split.seed))
+    return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
+
+
+def split_sizes(n: int, split: Split) -> tuple[int, int]:
+    """How many of `n` samples go to validation and to test; the rest train. Raises SpecError
+    when no training sample would be left."""
     n_val = max(1, round(n * split.validation))
     n_test = max(1, round(n * split.test)) if split.test > 0 else 0
     if n - n_val - n_test < 1:
@@ -91,8 +118,7 @@ def split_indices(n: int, split: Split) -> tuple[torch.Tensor, torch.Tensor, tor
             f"{n} samples are too few to split into training, validation ({split.validation}) "
             f"and test ({split.test}) sets",
         )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(split.seed))
-    return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
+    return n_val, n_test
 
 
 def _standardise(x: torch.Tensor, train: torch.Tensor) -> None:
@@ -104,6 +130,24 @@ def _standardise(x: torch.Tensor, train: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------- synthetic
+def check_synthetic(spec: SyntheticData) -> None:
+    """What `synthetic` and `load_dataset` would refuse about a generated set, by arithmetic
+    only: the API checks a spec with this, so it never generates the set (a big one takes
+    seconds and a gigabyte)."""
+    n, classes = spec.samples, spec.classes
+    if n * spec.features > MAX_SYNTHETIC_VALUES:
+        raise SpecError(
+            [*_DATASET, "samples"],
+            f"{n} samples × {spec.features} features are more than the "
+            f"{MAX_SYNTHETIC_VALUES:,} values a generated set may hold",
+        )
+    if n < classes:
+        raise SpecError([*_DATASET, "samples"], f"{n} samples cannot cover {classes} classes")
+    if spec.kind == "checkerboard" and classes != 2:
+        raise SpecError([*_DATASET, "classes"], "a checkerboard has 2 classes")
+    split_sizes(n, spec.split)
+
+
 def synthetic(spec: SyntheticData) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """Generated samples `[samples, features]` float32 and int64 labels, the classes in turn
     (0, 1, …, 0, 1, …). The same spec always gives the same set.
@@ -118,17 +162,8 @@ def synthetic(spec: SyntheticData) -> tuple[np.ndarray[Any, Any], np.ndarray[Any
     - checkerboard: uniform on [-2, 2]², labelled by the colour of the unit cell (2 classes),
       then noise as above.
     """
+    check_synthetic(spec)
     n, classes, noise = spec.samples, spec.classes, spec.noise
-    if n * spec.features > MAX_SYNTHETIC_VALUES:
-        raise SpecError(
-            [*_DATASET, "samples"],
-            f"{n} samples × {spec.features} features are more than the "
-            f"{MAX_SYNTHETIC_VALUES:,} values a generated set may hold",
-        )
-    if n < classes:
-        raise SpecError([*_DATASET, "samples"], f"{n} samples cannot cover {classes} classes")
-    if spec.kind == "checkerboard" and classes != 2:
-        raise SpecError([*_DATASET, "classes"], "a checkerboard has 2 classes")
     rng = np.random.default_rng(spec.seed)
     y = np.arange(n) % classes
     if spec.kind == "spirals":

@@ -6,22 +6,76 @@
     {prefix}:job:{id}:stop         set when a stop was requested
     {prefix}:job:{id}:events       stream of the job's envelopes (replayed by the SSE route)
     {prefix}:job:{id}:logs         list of the job's log lines (capped)
+    {prefix}:job:{id}:logs-batch   id of the last batch of lines appended (a resend is skipped)
 
 Every change of a record is a compare-and-set (WATCH/MULTI), so an API replica stopping a job and
-the job's own process finishing it cannot overwrite each other.
+the job's own process finishing it cannot overwrite each other. Appending an event or a batch of
+log lines is idempotent: after a lost connection the writer sends the same thing again, and a
+copy that had arrived before the connection broke is not added twice.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import Callable
-from typing import Any
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
+from esper.bus import BusSettings
+from esper.bus.connection import CONNECTION_ERRORS, Backoff
 from esper.bus.producer import FIELD
 from esper.contracts import TERMINAL_JOB_STATUSES, Envelope, JobSpec, JobStatus, JobView
+from esper.exceptions import BusError
+
+log = logging.getLogger("tolaria.jobstore")
+T = TypeVar("T")
+OUTAGES: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, BusError)
+"""What a Redis write fails with while the server is away (BusError: a producer gave up)."""
+
+# The same envelope twice in a row is a resend (every envelope has its own id and time).
+_APPEND_EVENT = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if last[1] ~= nil and last[1][2][2] == ARGV[1] then return last[1][1] end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', ARGV[3], ARGV[1])
+"""
+_APPEND_LOGS = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then return 0 end
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('SET', KEYS[2], ARGV[1])
+return #ARGV - 2
+"""
+LOG_BATCH = 500
+"""Lines per script call: a script's arguments live on Lua's stack, which is bounded."""
+
+
+async def retrying(
+    op: Callable[[], Awaitable[T]], bus: BusSettings, what: str, timeout_s: float | None = None
+) -> T:
+    """`op()`, again on the bus's backoff while Redis is away, for up to `timeout_s` (the bus's
+    `retry_timeout_s` by default); then the last error. `op` must be safe to repeat."""
+    deadline = time.monotonic() + (bus.retry_timeout_s if timeout_s is None else timeout_s)
+    backoff = Backoff.from_settings(bus)
+    while True:
+        try:
+            result = await op()
+        except OUTAGES as err:
+            delay = backoff.next_delay()
+            if time.monotonic() + delay > deadline:
+                raise
+            if backoff.attempts == 1:
+                kind = type(err).__name__
+                log.warning("%s: Redis unreachable (%s: %s); retrying", what, kind, err)
+            await asyncio.sleep(delay)
+        else:
+            if backoff.attempts:
+                log.info("%s: done after %d retries", what, backoff.attempts)
+            return result
 
 
 class UnknownJobError(LookupError):
@@ -38,6 +92,9 @@ class JobStore:
         self.prefix = prefix
         self.max_events = max_events
         self.max_log_lines = max_log_lines
+        # Scripts run by digest and are loaded again by redis-py after a Redis restart.
+        self._append_event = redis.register_script(_APPEND_EVENT)
+        self._append_logs = redis.register_script(_APPEND_LOGS)
 
     # ------------------------------------------------------------------ keys
     def key(self, job_id: str) -> str:
@@ -48,6 +105,9 @@ class JobStore:
 
     def logs_key(self, job_id: str) -> str:
         return f"{self.key(job_id)}:logs"
+
+    def logs_batch_key(self, job_id: str) -> str:
+        return f"{self.key(job_id)}:logs-batch"
 
     def stop_key(self, job_id: str) -> str:
         return f"{self.key(job_id)}:stop"
@@ -150,6 +210,7 @@ class JobStore:
                 self.key(job_id),
                 self.events_key(job_id),
                 self.logs_key(job_id),
+                self.logs_batch_key(job_id),
                 self.stop_key(job_id),
             )
             pipe.zrem(self.index_key, job_id)
@@ -183,20 +244,26 @@ class JobStore:
 
     # ---------------------------------------------------------- events, logs
     async def append_event(self, job_id: str, envelope: Envelope) -> None:
-        await self.redis.xadd(
-            self.events_key(job_id),
-            {FIELD: envelope.encode()},
-            maxlen=self.max_events,
-            approximate=True,
+        """Append to the job's event stream, unless it is the stream's last entry already."""
+        await self._append_event(
+            keys=[self.events_key(job_id)], args=[envelope.encode(), self.max_events, FIELD]
         )
 
-    async def append_logs(self, job_id: str, lines: list[str]) -> None:
+    async def append_logs(self, job_id: str, lines: list[str], batch_id: str | None = None) -> None:
+        """Append lines; a batch sent again with the same `batch_id` (at most LOG_BATCH lines,
+        sent in order) is appended once."""
         if not lines:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(self.logs_key(job_id), *lines)
-            pipe.ltrim(self.logs_key(job_id), -self.max_log_lines, -1)
-            await pipe.execute()
+        if len(lines) > LOG_BATCH:
+            if batch_id is not None:
+                raise ValueError(f"a batch with an id holds at most {LOG_BATCH} lines")
+            for start in range(0, len(lines), LOG_BATCH):
+                await self.append_logs(job_id, lines[start : start + LOG_BATCH])
+            return
+        await self._append_logs(
+            keys=[self.logs_key(job_id), self.logs_batch_key(job_id)],
+            args=[batch_id or uuid.uuid4().hex, self.max_log_lines, *lines],
+        )
 
     async def logs(self, job_id: str, tail: int | None = None) -> list[str]:
         start = -tail if tail else 0

@@ -59,6 +59,7 @@ def create_app(settings: TolariaSettings | None = None) -> FastAPI:
         lifespan=lifespan,
         readiness={"workers": workers_alive},
         errors=ERRORS,
+        body_limits={"/jobs": settings.max_spec_bytes},
         description="Training jobs: submit, follow, stop, download checkpoints.",
     )
     return app

@@ -2,27 +2,42 @@
 
 Exit codes: 0 the job ended (SUCCEEDED, FAILED or STOPPED, recorded in its record); 3 the worker
 that started it died, so the job was left RUNNING for the worker that takes it over; anything
-else is a crash the worker records as FAILED.
+else is a crash (a kill, out of memory, Redis away longer than the bus's `retry_timeout_s`), which
+the worker retries from the checkpoint up to `training.max_restarts` times.
+
+An error the job's own code raises (a file that vanished, a NaN that breaks a layer) is not a
+crash: the job ends FAILED at once, with the traceback in its logs. Such errors repeat on every
+try, so retrying them would only spend the restarts.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import traceback
 
 import torch
 
-from esper.contracts import TERMINAL_JOB_STATUSES, JobStatus, JobStatusChanged, JobView
+from esper.contracts import (
+    TERMINAL_JOB_STATUSES,
+    JobAttempt,
+    JobStatus,
+    JobStatusChanged,
+    JobView,
+)
 from esper.service.logs import configure_logging
-from tolaria.jobstore import JobStateError
+from tolaria.jobstore import OUTAGES, JobStateError
 from tolaria.runtime import JobRuntime
 from tolaria.settings import TolariaSettings
 from tolaria.training import JobTrainer, StopRequested
 
 log = logging.getLogger("tolaria.job")
 ORPHANED = 3
+OUTAGE = 4
+"""Redis stayed away longer than the bus's bound: a crash, retried by the worker."""
+WORKER_LOST = "its worker was lost; another worker took the job over"
 
 
 class ShipToJobLog(logging.Handler):
@@ -44,21 +59,36 @@ def start_attempt(runtime: JobRuntime) -> JobView | None:
     """PENDING (or RUNNING, when taking over from a dead worker) → RUNNING with attempt + 1;
     None when the job has ended (stopped while queued, deleted)."""
 
-    def begin(view: JobView) -> JobView:
+    pid, now = os.getpid(), time.time()
+    store, job_id = runtime.store, runtime.job_id
+
+    def begin(view: JobView) -> JobView | None:
         if view.status in TERMINAL_JOB_STATUSES:
             raise JobStateError(view.status)
+        if view.attempts and view.attempts[-1].pid == pid and view.attempts[-1].ended_at is None:
+            return None  # begun already: a retry after the reply to the first write was lost
+        attempts = list(view.attempts)
+        if attempts and attempts[-1].ended_at is None:  # its process left no word: worker gone
+            attempts[-1] = attempts[-1].model_copy(update={"ended_at": now, "reason": WORKER_LOST})
+        number = view.attempt + 1
+        attempts.append(
+            JobAttempt(
+                attempt=min(number, 1000), worker=runtime.settings.instance, pid=pid, started_at=now
+            )
+        )
         return view.model_copy(
             update={
                 "status": "RUNNING",
-                "attempt": view.attempt + 1,
+                "attempt": number,
                 "worker": runtime.settings.instance,
-                "started_at": view.started_at or time.time(),
+                "started_at": view.started_at or now,
+                "attempts": attempts[-100:],
             }
         )
 
     try:
-        before = runtime.call(runtime.store.get(runtime.job_id))
-        view = runtime.call(runtime.store.update(runtime.job_id, begin))
+        before = runtime.reliably(lambda: store.get(job_id), "read the job")
+        view = runtime.reliably(lambda: store.update(job_id, begin), "start the attempt")
     except (JobStateError, LookupError) as err:
         log.info("job %s not started: %s", runtime.job_id, err)
         return None
@@ -74,12 +104,30 @@ def start_attempt(runtime: JobRuntime) -> JobView | None:
 
 
 def finish(runtime: JobRuntime, status: JobStatus, error: str | None, **fields: object) -> None:
+    """Record the end, after everything the job wrote before it: who waits for the status
+    finds every epoch's events and log lines in place."""
+    runtime.flush()
     runtime.call(runtime.drop_control_group())
-    view = runtime.call(
-        runtime.store.set_fields(
-            runtime.job_id, status=status, error=error, finished_at=time.time(), **fields
+    now, pid = time.time(), os.getpid()
+    reason = status if error is None else f"{status}: {error}"
+
+    def end(view: JobView) -> JobView:
+        attempts = list(view.attempts)
+        if attempts and attempts[-1].pid == pid:
+            attempts[-1] = attempts[-1].model_copy(
+                update={"ended_at": now, "exit_code": 0, "reason": reason[:2000]}
+            )
+        return view.model_copy(
+            update={
+                "status": status,
+                "error": error,
+                "finished_at": now,
+                "attempts": attempts,
+                **fields,
+            }
         )
-    )
+
+    view = runtime.reliably(lambda: runtime.store.update(runtime.job_id, end), "finish the job")
     runtime.emit(
         JobStatusChanged(
             job_id=view.job_id,
@@ -104,7 +152,10 @@ def main(job_id: str) -> int:
         log.info("job %s attempt %d on %s", job_id, view.attempt, settings.instance)
         try:
             trainer = JobTrainer(runtime, view.spec, settings.data_dir, settings.work_dir)
-            trainer.resume()
+            if trainer.resume():
+                # The last attempt may have died between its checkpoint and its record's
+                # update: the record catches up with the checkpoint before training goes on.
+                trainer.record_progress()
             trainer.run()
         except StopRequested:
             if runtime.orphaned.is_set():
@@ -113,6 +164,9 @@ def main(job_id: str) -> int:
             log.info("stop requested: stopped at step %d", trainer.progress.step)
             finish(runtime, "STOPPED", "stopped on request", seeds=trainer.seed_views())
             return 0
+        except OUTAGES as err:
+            log.error("Redis unreachable for too long (%s); leaving the job to a restart", err)
+            return OUTAGE
         except Exception as err:
             log.error("job failed:\n%s", traceback.format_exc())
             finish(runtime, "FAILED", f"{type(err).__name__}: {err}"[:2000])

@@ -5,6 +5,12 @@ this loop and published from there; log lines are shipped in batches; a poller t
 request (or the death of the worker that started this process) into a flag the training loop
 reads once per step; control decisions for this job arrive here and wait in a queue until the
 training loop executes them between two steps — their messages are acked only then.
+
+A Redis restart does not end the job. What it must write — events, epoch reports, its record's
+progress, log lines — waits in an ordered journal in memory and is sent again, on the bus's
+backoff, until Redis is back; every write is idempotent (see JobStore), so each event and log
+line lands once. Only the job's end (`flush`, then its final record) waits for Redis, up to the
+bus's `retry_timeout_s`.
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Coroutine
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from esper.bus import BusSettings, Consumer, Delivery, Producer, connect
+from esper.bus.connection import Backoff
 from esper.contracts import (
     ControlDecision,
     DecisionTaken,
@@ -29,8 +38,9 @@ from esper.contracts import (
     Message,
     TelemetryReport,
 )
+from esper.exceptions import BusError
 from esper.service.loops import Step, run_every
-from tolaria.jobstore import JobStore
+from tolaria.jobstore import LOG_BATCH, OUTAGES, JobStore, retrying
 from tolaria.settings import TolariaSettings
 
 log = logging.getLogger("tolaria.runtime")
@@ -56,6 +66,44 @@ class Pending:
         self.done: concurrent.futures.Future[DecisionTaken] = concurrent.futures.Future()
 
 
+@dataclass
+class _Entry:
+    """One write of the journal: an event (the job's event stream, then the bus), a telemetry
+    report (the bus, lossy; an epoch report also the event stream), or fields of the record.
+    The flags remember what went out already, so a resend repeats only what did not."""
+
+    event: Envelope | None = None
+    report: TelemetryReport | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    stored: bool = False
+    published: bool = False
+
+
+class _Retry:
+    """When to try Redis again after a failed write, on the bus's backoff; one warning an
+    outage, however many writes wait meanwhile."""
+
+    def __init__(self, bus: BusSettings, what: str) -> None:
+        self.backoff = Backoff.from_settings(bus)
+        self.what = what
+        self.at = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def failed(self, err: BaseException) -> None:
+        if self.backoff.attempts == 0:
+            kind = type(err).__name__
+            log.warning("%s: Redis unreachable (%s: %s); will resend", self.what, kind, err)
+        self.at = time.monotonic() + self.backoff.next_delay()
+
+    def succeeded(self) -> None:
+        if self.backoff.attempts:
+            log.info("%s: sent again after %d retries", self.what, self.backoff.attempts)
+            self.backoff.reset()
+        self.at = 0.0
+
+
 class JobRuntime:
     def __init__(self, settings: TolariaSettings, job_id: str) -> None:
         self.settings = settings
@@ -70,9 +118,13 @@ class JobRuntime:
         """Non-empty once a stop was requested or a decision is waiting. The training loop tests
         its truth once a step, which is a bytecode rather than a call: on a tiny model each call
         in the step loop costs ~1 % of the step."""
-        self._telemetry: collections.deque[TelemetryReport] = collections.deque()
+        self._journal: collections.deque[_Entry] = collections.deque()
         self._log_lines: list[str] = []
+        self._log_batch: tuple[str, list[str]] | None = None
+        """Lines taken for sending, with their batch id, until Redis has them."""
         self._log_lock = threading.Lock()
+        self._journal_retry = _Retry(self.bus, "job events")
+        self._logs_retry = _Retry(self.bus, "job logs")
         self._tasks: list[asyncio.Future[Any]] = []
         self._parent = os.getppid()
         self.started_at = time.time()
@@ -109,7 +161,7 @@ class JobRuntime:
             every(self.settings.stop_poll_s, self._poll_stop, "stop poll", False),
             every(LOG_SHIP_S, self._ship_logs, "log shipping", True),
             every(HEARTBEAT_S, self._beat, "job heartbeat", True),
-            every(TELEMETRY_FLUSH_S, self._publish_telemetry, "telemetry", True),
+            every(TELEMETRY_FLUSH_S, self._send_journal, "telemetry", True),
         ]
         self.consumer.start()
 
@@ -124,8 +176,13 @@ class JobRuntime:
         await self.consumer.stop(timeout=5)
         for task in self._tasks:
             task.cancel()
-        await self._ship_logs()
-        await self._publish_telemetry()
+        # Best effort within the bus's bound: the job's status is written already (or the job
+        # is left to the worker that retries it), and an exception here would turn its exit
+        # into a crash.
+        try:
+            await self._flush(self.bus.retry_timeout_s)
+        except OUTAGES as err:
+            log.warning("job events or logs not sent before exit: %s", err)
         try:
             await self._beat()
         except Exception as err:
@@ -140,6 +197,30 @@ class JobRuntime:
         """Run `coro` on the bus loop and wait for it (from the training thread)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def reliably(
+        self, op: Callable[[], Awaitable[T]], what: str, timeout: float | None = None
+    ) -> T:
+        """`call` an idempotent Redis operation, again while Redis is away (see `retrying`)."""
+        bound = self.bus.retry_timeout_s if timeout is None else timeout
+        return self.call(retrying(op, self.bus, what, bound), timeout=bound + 30)
+
+    def flush(self) -> None:
+        """Wait until everything the job wrote so far is in Redis (up to `retry_timeout_s` of
+        outage; then the outage's error)."""
+        self.call(self._flush(self.bus.retry_timeout_s), timeout=self.bus.retry_timeout_s + 30)
+
+    async def _flush(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            await self._send_journal(force=True)
+            await self._ship_logs(force=True)
+            if not self._journal and self._log_batch is None and not self._log_lines:
+                return
+            wait = max(self._journal_retry.at, self._logs_retry.at) - time.monotonic()
+            if time.monotonic() + max(wait, 0) > deadline:
+                raise BusError(f"job {self.job_id}: Redis unreachable for {timeout_s} s")
+            await asyncio.sleep(max(wait, 0.01))
+
     def fire(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` on the bus loop without waiting; failures are logged."""
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -149,44 +230,85 @@ class JobRuntime:
     def emit(self, message: Message) -> None:
         """An event for the bus and for the job's own event stream (what SSE replays)."""
         envelope = Envelope.wrap(message, source=SOURCE, job_id=self.job_id)
-        self.fire(self._emit(envelope))
+        self._journal.append(_Entry(event=envelope))
+        self.fire(self._send_journal())
 
-    async def _emit(self, envelope: Envelope) -> None:
-        # One lock orders the job's event stream: reports queued before this event stay before it.
-        async with self._order:
-            await self._drain_telemetry()
-            await self.store.append_event(self.job_id, envelope)
-        await self.producer.publish(envelope)
+    def record(self, **fields: Any) -> None:
+        """Set fields of the job's record, in order with the events before and after."""
+        self._journal.append(_Entry(fields=fields))
+        self.fire(self._send_journal())
 
     def telemetry(self, report: TelemetryReport) -> None:
         """Queue a report; the bus loop publishes it within TELEMETRY_FLUSH_S. Nothing here wakes
         that loop: a wake-up per report made the training thread wait for the GIL while the loop
         ran (half a millisecond a report, on a tiny model more than the step itself)."""
-        self._telemetry.append(report)
+        self._journal.append(_Entry(report=report))
 
-    async def _publish_telemetry(self) -> None:
+    async def _send_journal(self, force: bool = False) -> None:
+        """Send the journal in order. A write that fails stays at the head and is sent again
+        once the backoff allows: one lock, so entries queued before another go out before it."""
+        if not force and not self._journal_retry.due():
+            return
         async with self._order:
-            await self._drain_telemetry()
+            while self._journal:
+                entry = self._journal[0]
+                try:
+                    await self._send(entry)
+                except OUTAGES as err:
+                    self._journal_retry.failed(err)
+                    return
+                except Exception:  # not an outage: resending would fail forever, and hold the rest
+                    log.exception("job write dropped: %s", entry)
+                self._journal.popleft()
+            self._journal_retry.succeeded()
 
-    async def _drain_telemetry(self) -> None:
-        while self._telemetry:
-            report = self._telemetry.popleft()
-            envelope = Envelope.wrap(report, source=SOURCE)
-            # Lossy by design (the batcher drops the oldest when Redis is slow), except epoch
-            # reports, which the job's own event stream keeps.
-            self.producer.publish_batched(envelope)
-            if report.kind == "epoch":
-                await self.store.append_event(self.job_id, envelope)
+    async def _send(self, entry: _Entry) -> None:
+        if entry.report is not None:
+            if entry.event is None:
+                entry.event = Envelope.wrap(entry.report, source=SOURCE)
+            if not entry.published:
+                # Lossy by design (the batcher drops the oldest when Redis is slow), except epoch
+                # reports, which the job's own event stream keeps.
+                self.producer.publish_batched(entry.event)
+                entry.published = True
+            if entry.report.kind == "epoch" and not entry.stored:
+                await self.store.append_event(self.job_id, entry.event)
+                entry.stored = True
+        elif entry.event is not None:
+            if not entry.stored:
+                await self.store.append_event(self.job_id, entry.event)
+                entry.stored = True
+            if not entry.published:
+                await self.producer.publish(entry.event)
+                entry.published = True
+        elif entry.fields:
+            await self.store.set_fields(self.job_id, **entry.fields)
 
     def log_line(self, line: str) -> None:
         with self._log_lock:
             self._log_lines.append(line)
 
-    async def _ship_logs(self) -> None:
-        with self._log_lock:
-            lines, self._log_lines = self._log_lines, []
-        if lines:
-            await self.store.append_logs(self.job_id, lines)
+    async def _ship_logs(self, force: bool = False) -> None:
+        """Ship the lines in batches with ids; a batch whose write failed is sent again, with
+        the same id, so it lands once however the connection broke."""
+        if not force and not self._logs_retry.due():
+            return
+        while True:
+            with self._log_lock:
+                if self._log_batch is None:
+                    if not self._log_lines:
+                        break
+                    lines = self._log_lines[:LOG_BATCH]
+                    del self._log_lines[:LOG_BATCH]
+                    self._log_batch = (uuid.uuid4().hex, lines)
+                batch_id, lines = self._log_batch
+            try:
+                await self.store.append_logs(self.job_id, lines, batch_id=batch_id)
+            except OUTAGES as err:
+                self._logs_retry.failed(err)
+                return
+            self._log_batch = None
+        self._logs_retry.succeeded()
 
     async def _beat(self) -> None:
         """A job process says it is alive, and how its kernel cache does (cumulative counters

@@ -25,7 +25,17 @@ class TolariaSettings(ServiceSettings, UrzaLinkSettings):
     another worker, which resumes it from its last checkpoint."""
     kernel_signing_key: SecretStr | None = None
     """Urza's signing key: artifacts whose HMAC does not match are refused."""
+    trust_torchscript: bool = False
+    """Load TorchScript kernels that Urza does not vouch for (`KernelMeta.vouched_by`): their
+    loading runs code from the archive before it can be inspected. Off: only TorchScript that
+    Urza compiled or took from an admin loads (services/urza/README.md, "Kernel trust")."""
     stop_poll_s: float = Field(default=0.2, gt=0, le=10)
     max_log_lines: int = Field(default=10_000, ge=100)
     max_events: int = Field(default=20_000, ge=100)
     checkpoint_download_bytes: int = Field(default=2 << 30, ge=1)
+    max_job_memory_bytes: int = Field(default=8 << 30, ge=1 << 20)
+    """A job whose estimated peak memory (parameters, gradients, optimizer state, activations
+    of a batch, the data set) is over this is refused with 422 when it is submitted."""
+    max_spec_bytes: int = Field(default=256 << 10, ge=4096)
+    """Largest `POST /jobs` body: a job spec is a few KiB; a bigger body is refused with 413
+    before it is read, so no parse of a huge document ever starts."""

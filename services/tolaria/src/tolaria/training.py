@@ -117,6 +117,7 @@ class JobTrainer:
             urza_token=settings.urza_token_value,
             urza_timeout_s=settings.urza_timeout_s,
             signing_key=key.get_secret_value().encode() if key else None,
+            trust_torchscript=settings.trust_torchscript,
         )
         runtime.heartbeat_details = self.cache_counters
         self.morphable: MorphableModel | None = None
@@ -356,15 +357,9 @@ class JobTrainer:
                     self.job_id, epoch, self.progress.step, train_loss, val, samples_per_s
                 )
             )
-        self.runtime.call(
-            self.runtime.store.set_fields(
-                self.job_id,
-                progress=self.view_progress(),
-                metrics=self.metrics,
-                seeds=self.seed_views(),
-                has_checkpoint=True,
-            )
-        )
+        # Queued, not awaited: a Redis restart now must not stop training; the journal writes
+        # it once Redis is back, after this epoch's report.
+        self.record_progress()
         log.info(
             "epoch %d/%d: train loss %s, val loss %.4f, val acc %.4f, %.0f samples/s",
             epoch + 1,
@@ -373,6 +368,15 @@ class JobTrainer:
             val.loss,
             val.accuracy,
             samples_per_s,
+        )
+
+    def record_progress(self) -> None:
+        """The job's record says what the checkpoint says (epoch, step, metrics, seeds)."""
+        self.runtime.record(
+            progress=self.view_progress(),
+            metrics=self.metrics,
+            seeds=self.seed_views(),
+            has_checkpoint=True,
         )
 
     def view_progress(self) -> JobProgress:

@@ -1,5 +1,10 @@
 """Checking a spec the way the job will use it, before anything is queued: the data set opens
-and fits, the model builds for it, and the layers to wrap exist."""
+and fits, the model builds for it, the layers to wrap exist, and the job fits its memory budget.
+
+This runs in the API process, so it allocates nothing in proportion to the job: the model is
+built on the meta device, and a generated data set is checked by arithmetic, never generated
+(files are read as stored, since checking them needs their contents).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,20 @@ from pathlib import Path
 import torch
 
 from esper.contracts import JobSpec
-from tolaria.datasets import load_dataset
+from tolaria.datasets import dataset_geometry
+from tolaria.memory import check_job_memory, estimate_job_memory
 from tolaria.models import build_model, morphable_layers
 
+DEFAULT_MAX_JOB_MEMORY_BYTES = 8 << 30
 
-def check_spec(spec: JobSpec, data_dir: Path) -> None:
+
+def check_spec(
+    spec: JobSpec, data_dir: Path, max_memory_bytes: int = DEFAULT_MAX_JOB_MEMORY_BYTES
+) -> None:
     """Raises tolaria.errors.SpecError naming the field at fault."""
-    data = load_dataset(spec.dataset, data_dir)
+    shape, classes, samples = dataset_geometry(spec.dataset, data_dir)
     with torch.device("meta"):  # sizes only: no memory for the weights of a big model
-        model = build_model(spec.model, data.input_shape, data.classes)
+        model = build_model(spec.model, shape, classes)
     if spec.morphogenesis.enabled:
         morphable_layers(model, spec.morphogenesis)
+    check_job_memory(estimate_job_memory(model, spec.training, shape, samples), max_memory_bytes)

@@ -22,9 +22,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from esper.blueprints.compiler import compile_blueprint, compile_kernel_id
 from esper.blueprints.spec import BlueprintSpec
 from esper.contracts import CompileRequest, HostSignature, KernelMeta, KernelResult, KernelUpload
-from esper.exceptions import BlueprintHostError, DigestMismatchError, EsperError
+from esper.exceptions import (
+    BlueprintHostError,
+    CorruptArtifactError,
+    DigestMismatchError,
+    EsperError,
+)
 from esper.kernels.artifact import KernelArtifact, digest_of, kernel_id_for
 from esper.kernels.executor import KernelExecutor, deserialize, probe_input
+from esper.kernels.inspection import is_torchscript_archive
+from urza.budget import check_compile_budget
+from urza.errors import AdminTokenRequiredError
 from urza.store import KernelStore
 
 log = logging.getLogger("urza.compiler")
@@ -73,8 +81,12 @@ class CompileService:
         max_queued: int,
         announce: Announce,
         metrics: KernelMetrics,
+        max_kernel_params: int | None = None,
+        max_kernel_memory_bytes: int | None = None,
     ) -> None:
         self.store = store
+        self.max_kernel_params = max_kernel_params
+        self.max_kernel_memory_bytes = max_kernel_memory_bytes
         self.signing_key = signing_key
         self.max_queued = max_queued
         self.announce = announce
@@ -100,6 +112,10 @@ class CompileService:
         kernel_id = compile_kernel_id(spec, host, request.format)
         created = False
         if not await asyncio.to_thread(self.store.has_kernel, kernel_id):
+            if kernel_id not in self._inflight:
+                await self._check_budget(spec, host)
+            # Read after the budget check's await: an identical request may have queued the
+            # compile meanwhile, and it must be joined, not compiled twice.
             waiting = self._inflight.get(kernel_id)
             if waiting is None:
                 if self._pending >= self.max_queued:
@@ -112,6 +128,16 @@ class CompileService:
                 created = True
             await asyncio.shield(waiting)
         return await self._result(kernel_id, request.tags, created)
+
+    async def _check_budget(self, spec: BlueprintSpec, host: HostSignature) -> None:
+        """Refuse, before it is queued, a compile whose kernel would not fit the budget."""
+        if self.max_kernel_params is None and self.max_kernel_memory_bytes is None:
+            return
+        params = self.max_kernel_params if self.max_kernel_params is not None else 1 << 62
+        memory = self.max_kernel_memory_bytes
+        await asyncio.to_thread(
+            check_compile_budget, spec, host, params, memory if memory is not None else 1 << 62
+        )
 
     async def _compile(
         self, kernel_id: str, spec: BlueprintSpec, host: HostSignature, request: CompileRequest
@@ -138,9 +164,12 @@ class CompileService:
         return meta
 
     # ---------------------------------------------------------------- upload
-    async def upload(self, upload: KernelUpload, data: bytes) -> KernelResult:
+    async def upload(
+        self, upload: KernelUpload, data: bytes, *, admin: bool = False
+    ) -> KernelResult:
+        """`admin`: the uploader holds the admin token (URZA_ADMIN_TOKEN)."""
         try:
-            artifact = await self._in_pool(lambda: self._checked_upload(upload, data))
+            artifact = await self._in_pool(lambda: self._checked_upload(upload, data, admin))
             meta, created = await asyncio.to_thread(self.store.put_kernel, artifact)
         except Exception:
             self.metrics.failures.labels("upload").inc()
@@ -150,14 +179,25 @@ class CompileService:
             log.info("stored uploaded kernel %s (%s)", meta.kernel_id, upload.name)
         return await self._result(meta.kernel_id, upload.tags, created)
 
-    def _checked_upload(self, upload: KernelUpload, data: bytes) -> KernelArtifact:
-        """Refuse bytes that are not what the client meant (digest) or not a kernel for this
-        host (they must load, and a probe forward must give the host's output shape)."""
+    def _checked_upload(self, upload: KernelUpload, data: bytes, admin: bool) -> KernelArtifact:
+        """Refuse bytes that are not what the client meant (digest), a program that does more
+        than tensor math (esper.kernels.inspection, before any of it runs), a format that runs
+        code at load from an uploader without the admin token, or a kernel that does not fit its
+        host (a probe forward must give the host's output shape)."""
         digest = digest_of(data)
         if upload.digest is not None and upload.digest != digest:
             raise DigestMismatchError(
                 f"the uploaded artifact has digest {digest} ({len(data)} bytes), "
                 f"not the declared {upload.digest}"
+            )
+        if upload.format == "torchscript" and not admin:
+            if not is_torchscript_archive(data):
+                raise CorruptArtifactError("the uploaded artifact is not a TorchScript archive")
+            raise AdminTokenRequiredError(
+                "TorchScript runs code from the archive (__setstate__) while it loads, before it "
+                "can be inspected, so only an uploader holding Urza's admin token (header "
+                "X-Esper-Admin-Token, set by URZA_ADMIN_TOKEN) may upload it; upload a "
+                "torch.export program instead"
             )
         kernel_id = kernel_id_for(
             {
@@ -178,6 +218,7 @@ class CompileService:
             blueprint_version=upload.blueprint_version,
             default_blend=upload.default_blend,
             lineage=upload.lineage_dict(),
+            vouched_by="admin" if admin else None,
         )
         template = deserialize(KernelArtifact(meta, data))
         host_layer = upload.host.reference_module()

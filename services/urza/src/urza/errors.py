@@ -8,6 +8,7 @@ from esper.exceptions import (
     BlueprintError,
     ConfigError,
     CorruptArtifactError,
+    KernelError,
     UnknownKernelError,
 )
 
@@ -35,6 +36,16 @@ class InvalidCursorError(ConfigError):
 
 class InvalidBlueprintError(BlueprintError):
     """The blueprint failed its trial on a typical host of a kind it claims."""
+
+
+class KernelBudgetError(BlueprintError):
+    """The blueprint instantiated for this host would have more parameters, or need more memory
+    to compile, than this Urza allows: refused before anything is allocated."""
+
+
+class AdminTokenRequiredError(KernelError):
+    """An upload in a format whose loading runs code that cannot be inspected first
+    (TorchScript), without Urza's admin token."""
 
 
 class CorruptBlobError(CorruptArtifactError):

@@ -48,6 +48,8 @@ def create_app(settings: UrzaSettings | None = None) -> FastAPI:
             max_queued=settings.max_queued_compiles,
             announce=announce,
             metrics=KernelMetrics(app.state.registry),
+            max_kernel_params=settings.max_kernel_params,
+            max_kernel_memory_bytes=settings.max_kernel_memory_bytes,
         )
         log.info("urza store at %s: %s", settings.data_dir, store.counts())
         try:

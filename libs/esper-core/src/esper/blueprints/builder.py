@@ -139,3 +139,11 @@ def instantiate(spec: BlueprintSpec, host: HostSignature, seed: int = 0) -> nn.S
                     p.zero_()
             break
     return module
+
+
+def instantiate_shapes(spec: BlueprintSpec, host: HostSignature) -> nn.Sequential:
+    """The seed network on the meta device (shapes, no storage), for sizing a compile before it
+    runs. Unlike `instantiate` it touches no RNG: meta tensors draw no random numbers, and
+    reseeding the global generator here would race a compile running in another thread."""
+    with torch.device("meta"):
+        return _Builder(spec, host).build()

@@ -83,6 +83,7 @@ def compile_blueprint(
         blueprint=spec.name,
         blueprint_version=spec.version,
         default_blend=spec.default_blend,
+        vouched_by="compiler",  # these bytes are this compiler's own output, never an upload's
         params=sum(p.numel() for p in module.parameters()),
         flops=_flops_per_sample(module, example),
     )

@@ -22,6 +22,7 @@ Size = int | str
 HostKind = Literal["linear", "conv2d"]
 RESERVED_NAMES = {"in", "in_", "out", "min", "max"}  # `in` is parsed as `in_`
 MAX_OPS = 32
+MAX_KERNEL = 31  # an op's own kernel size (odd); a bigger one is a host's (`kernel: "host"`)
 
 
 class _Op(BaseModel):
@@ -74,8 +75,10 @@ class _KernelOp(_Op):
     @field_validator("kernel")
     @classmethod
     def _odd(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and (v < 1 or v % 2 == 0):
-            raise ValueError("kernel must be odd and ≥ 1 (same padding), or 'host'")
+        if isinstance(v, int) and (v < 1 or v % 2 == 0 or v > MAX_KERNEL):
+            raise ValueError(
+                f"kernel must be odd, ≥ 1 and ≤ {MAX_KERNEL} (same padding), or 'host'"
+            )
         return v
 
 
@@ -99,7 +102,7 @@ class NormOp(_Op):
     linear hosts."""
 
     op: Literal["norm"] = "norm"
-    groups: int = Field(default=8, ge=1)
+    groups: int = Field(default=8, ge=1, le=4096)
 
 
 class ActOp(_Op):

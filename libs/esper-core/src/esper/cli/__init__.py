@@ -1,6 +1,7 @@
 """The `esper` command line: run the local stack, submit and follow jobs, look at kernels.
 
-    esper up                   # Redis + the four services, logs streamed; Ctrl-C stops
+    esper up                   # Redis + the four services, logs streamed, dead ones restarted;
+                               # Ctrl-C (or SIGTERM, SIGHUP) stops
     esper demo                 # the stack, the growth demo job and its control run
     esper jobs submit examples/jobs/spirals.yaml --follow
     esper jobs list | status ID | stop ID | logs ID | checkpoint ID

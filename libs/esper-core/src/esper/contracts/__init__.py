@@ -42,6 +42,7 @@ from esper.contracts.envelope import (
 )
 from esper.contracts.events import (
     REFUSAL_CODES,
+    TRANSIENT_REFUSALS,
     DecisionTaken,
     DecisionTakenV1,
     JobStatusChanged,
@@ -52,6 +53,7 @@ from esper.contracts.events import (
 from esper.contracts.examples import examples
 from esper.contracts.health import Heartbeat
 from esper.contracts.jobs import (
+    JobAttempt,
     JobMetrics,
     JobProgress,
     JobQueued,
@@ -139,6 +141,7 @@ __all__ = [
     "SEED_STATE_NAMES",
     "TERMINAL_JOB_STATUSES",
     "TOPICS",
+    "TRANSIENT_REFUSALS",
     "Action",
     "Blend",
     "BlueprintName",
@@ -158,6 +161,7 @@ __all__ = [
     "Heartbeat",
     "HostSignature",
     "Identifier",
+    "JobAttempt",
     "JobMetrics",
     "JobProgress",
     "JobQueued",

@@ -170,6 +170,7 @@ RefusalCode = Literal[
     "no_free_slot",
     "max_seeds",
     "kernel_unavailable",
+    "kernel_unreachable",
     "load_failed",
     "alpha_rejected",
     "job_finished",
@@ -186,12 +187,18 @@ RefusalCode = Literal[
 - `no_free_slot`: a germination found no DORMANT slot in the layer.
 - `max_seeds`: the job already holds its `max_seeds`.
 - `kernel_unavailable`: no kernel could be had for the blueprint (compile or fetch failed).
+- `kernel_unreachable`: no kernel could be had because Urza (or every store holding the kernel)
+  could not be reached, or kept answering "not now", until the decision's time was up
+  (`MorphogenesisSpec.kernel_retry_s`): nothing is wrong with the blueprint; decide again later.
 - `load_failed`: the kernel was had but could not be loaded into the slot.
 - `alpha_rejected`: α cannot go where asked (the layer's lerp budget, say).
 - `job_finished`: the job stopped training before it got to the decision.
 - `internal`: anything else, a bug included.
 """
 REFUSAL_CODES: tuple[RefusalCode, ...] = get_args(RefusalCode)
+TRANSIENT_REFUSALS: frozenset[RefusalCode] = frozenset({"kernel_unreachable"})
+"""The refusals that say "not now" rather than "no": the same decision may be applied later, so
+a controller charges nobody for them (see `DecisionTaken.transient`)."""
 
 
 class _DecisionAnswer(Message):
@@ -243,6 +250,12 @@ class DecisionTaken(_DecisionAnswer):
         if self.outcome == "applied" and self.code is not None:
             raise ValueError(f"an applied decision has no refusal code (got {self.code!r})")
         return self
+
+    @property
+    def transient(self) -> bool:
+        """Refused for a cause that may pass (its code is in TRANSIENT_REFUSALS): deciding the
+        same again later may succeed."""
+        return self.code in TRANSIENT_REFUSALS
 
     @classmethod
     def refused(

@@ -14,7 +14,15 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    model_validator,
+)
 
 from esper.contracts.envelope import Message, register
 from esper.contracts.vocabulary import (
@@ -40,7 +48,7 @@ class _Spec(BaseModel):
 HostKind = Literal["linear", "conv2d"]
 HOST_KINDS: tuple[HostKind, ...] = ("linear", "conv2d")
 Activation = Literal["relu", "tanh", "gelu", "silu"]
-Width = Annotated[int, Field(ge=1, le=65536)]
+Width = Annotated[StrictInt, Field(ge=1, le=65536)]
 
 
 # ------------------------------------------------------------------ models
@@ -69,7 +77,7 @@ class ResNetModel(_Spec):
 
     kind: Literal["resnet"] = "resnet"
     width: Width = 16
-    blocks: list[Annotated[int, Field(ge=1, le=8)]] = Field(
+    blocks: list[Annotated[StrictInt, Field(ge=1, le=8)]] = Field(
         default_factory=lambda: [1, 1, 1], min_length=1, max_length=4
     )
 
@@ -97,11 +105,11 @@ class LayerDef(_Spec):
         default=None,
         description="output width (linear) or channels (conv2d); 'classes' for the head",
     )
-    kernel_size: Annotated[int, Field(ge=1, le=15)] = 3
-    stride: Annotated[int, Field(ge=1, le=8)] = 1
-    padding: Annotated[int, Field(ge=0, le=8)] | Literal["same"] = "same"
-    groups: Annotated[int, Field(ge=1, le=64)] = 8
-    p: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    kernel_size: Annotated[StrictInt, Field(ge=1, le=15)] = 3
+    stride: Annotated[StrictInt, Field(ge=1, le=8)] = 1
+    padding: Annotated[StrictInt, Field(ge=0, le=8)] | Literal["same"] = "same"
+    groups: Annotated[StrictInt, Field(ge=1, le=64)] = 8
+    p: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)] = 0.1
 
     @model_validator(mode="after")
     def _sizes(self) -> LayerDef:
@@ -125,9 +133,9 @@ class Split(_Spec):
     """Held-out fractions: validation (what seeds are judged on) and test (reported at the end,
     never used for a decision) are disjoint."""
 
-    validation: Annotated[float, Field(gt=0.0, lt=0.9)] = 0.2
-    test: Annotated[float, Field(ge=0.0, lt=0.9)] = 0.1
-    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    validation: Annotated[StrictFloat, Field(gt=0.0, lt=0.9)] = 0.2
+    test: Annotated[StrictFloat, Field(ge=0.0, lt=0.9)] = 0.1
+    seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] = 0
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> Split:
@@ -140,11 +148,11 @@ class SyntheticData(_Spec):
     """Generated 2-D classification sets (blobs may have more features and classes)."""
 
     kind: Literal["spirals", "moons", "circles", "blobs", "checkerboard"]
-    samples: Annotated[int, Field(ge=20, le=2_000_000)] = 2000
-    noise: Annotated[float, Field(ge=0.0, le=5.0)] = 0.1
-    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
-    classes: Annotated[int, Field(ge=2, le=100)] = 2
-    features: Annotated[int, Field(ge=2, le=4096)] = 2
+    samples: Annotated[StrictInt, Field(ge=20, le=2_000_000)] = 2000
+    noise: Annotated[StrictFloat, Field(ge=0.0, le=5.0)] = 0.1
+    seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] = 0
+    classes: Annotated[StrictInt, Field(ge=2, le=100)] = 2
+    features: Annotated[StrictInt, Field(ge=2, le=4096)] = 2
     split: Split = Field(default_factory=Split)
 
     @model_validator(mode="after")
@@ -188,8 +196,8 @@ class FileData(_Spec):
     path: RelativePath
     x_key: str = "x"
     y_key: str = "y"
-    label_column: int = -1
-    limit: Annotated[int, Field(ge=1)] | None = Field(
+    label_column: StrictInt = -1
+    limit: Annotated[StrictInt, Field(ge=1)] | None = Field(
         default=None, description="use only the first N samples"
     )
     split: Split = Field(default_factory=Split)
@@ -200,37 +208,53 @@ DatasetSpec = Annotated[SyntheticData | FileData, Field(discriminator="kind")]
 
 # ---------------------------------------------------------------- training
 class TrainingSpec(_Spec):
-    epochs: Annotated[int, Field(ge=1, le=100_000)] = 20
-    batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
+    epochs: Annotated[StrictInt, Field(ge=1, le=100_000)] = 20
+    batch_size: Annotated[StrictInt, Field(ge=1, le=65536)] = 64
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
-    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    lr: Annotated[StrictFloat, Field(gt=0.0, le=10.0)] = 1e-3
+    weight_decay: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] = 0.0
+    momentum: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)] = 0.9
     schedule: Literal["constant", "cosine", "step"] = "constant"
-    step_size: Annotated[int, Field(ge=1)] = 10
-    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
-    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    step_size: Annotated[StrictInt, Field(ge=1)] = 10
+    gamma: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] = 0.5
+    seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    telemetry_every_steps: Annotated[int, Field(ge=1)] | None = Field(
+    telemetry_every_steps: Annotated[StrictInt, Field(ge=1)] | None = Field(
         default=None, description="also report every K steps (null: once per epoch only)"
+    )
+    max_restarts: Annotated[StrictInt, Field(ge=0, le=10)] = Field(
+        default=2,
+        description=(
+            "how often a job whose process crashed (killed, out of memory) is started again "
+            "from its checkpoint before it ends FAILED; an error the training code raises ends "
+            "it at once"
+        ),
     )
 
 
 class MorphogenesisSpec(_Spec):
     enabled: bool = True
-    seeds_per_layer: Annotated[int, Field(ge=1, le=16)] = 2
+    seeds_per_layer: Annotated[StrictInt, Field(ge=1, le=16)] = 2
     layers: list[LayerName] | None = Field(
         default=None, max_length=256, description="wrap these layers (null: by `layer_types`)"
     )
     layer_types: list[HostKind] = Field(default_factory=lambda: list(HOST_KINDS), min_length=1)
     blend: Blend | None = Field(default=None, description="null: each kernel's default blend")
-    ramp_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
+    ramp_steps: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 200
     grad_isolation: bool = False
-    seed_lr: Annotated[float, Field(gt=0.0, le=10.0)] | None = Field(
+    seed_lr: Annotated[StrictFloat, Field(gt=0.0, le=10.0)] | None = Field(
         default=None, description="null: the training lr"
     )
-    max_seeds: Annotated[int, Field(ge=0, le=4096)] = 4
+    max_seeds: Annotated[StrictInt, Field(ge=0, le=4096)] = 4
     kernel_format: KernelFormat = "export"
+    kernel_retry_s: Annotated[StrictFloat, Field(ge=0.0, le=300.0)] = Field(
+        default=30.0,
+        description=(
+            "how long a germination keeps retrying, with backoff, to compile or fetch its kernel "
+            "while Urza cannot be reached (training waits meanwhile); past it the decision is "
+            "refused as `kernel_unreachable`. 0: one try"
+        ),
+    )
     publish_kernels: bool = Field(
         default=False, description="at the end, upload each trained ACTIVE seed to Urza"
     )
@@ -283,6 +307,24 @@ class SeedView(_Spec):
     germinated_epoch: Count | None = None
 
 
+class JobAttempt(_Spec):
+    """One run of a job's process: the one running now has no `ended_at` yet."""
+
+    attempt: Annotated[int, Field(ge=1, le=1000)]
+    worker: str | None = Field(default=None, max_length=128)
+    pid: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="the job process's id on its worker's machine"
+    )
+    started_at: Timestamp
+    ended_at: Timestamp | None = None
+    exit_code: int | None = Field(
+        default=None,
+        description="0: the process ended the job itself; negative: killed by that signal; "
+        "null while it runs, or when its worker was lost with it",
+    )
+    reason: Text | None = None
+
+
 class JobView(_Spec):
     """`GET /jobs/{id}`."""
 
@@ -303,6 +345,9 @@ class JobView(_Spec):
     error: Text | None = None
     stop_requested: bool = False
     has_checkpoint: bool = False
+    attempts: list[JobAttempt] = Field(
+        default_factory=list, max_length=100, description="the latest runs of the job's process"
+    )
     spec: JobSpec
 
 

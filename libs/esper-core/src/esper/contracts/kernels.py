@@ -17,6 +17,14 @@ if TYPE_CHECKING:  # torch is imported where a module is inspected: contracts ne
     from torch import nn
 
 Pair = tuple[int, int]
+MAX_HOST_FEATURES = 1 << 20
+# Far above any real convolution, low enough that the inputs a compile or a probe makes for the
+# host (at least the dilated kernel's span on each side) stay small.
+MAX_KERNEL_SIZE = 64
+MAX_STRIDE = 64
+MAX_DILATION = 64
+MAX_PADDING = 1024
+_PAIR_LIMITS = {"kernel_size": MAX_KERNEL_SIZE, "stride": MAX_STRIDE, "dilation": MAX_DILATION}
 
 
 def _pair(value: int | tuple[int, ...]) -> Pair:
@@ -32,8 +40,8 @@ class HostSignature(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["linear", "conv2d"]
-    in_features: int = Field(ge=1)
-    out_features: int = Field(ge=1)
+    in_features: int = Field(ge=1, le=MAX_HOST_FEATURES)
+    out_features: int = Field(ge=1, le=MAX_HOST_FEATURES)
     kernel_size: Pair = (1, 1)
     stride: Pair = (1, 1)
     padding: Pair | Literal["same"] = (0, 0)
@@ -42,11 +50,15 @@ class HostSignature(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> HostSignature:
-        for name in ("kernel_size", "stride", "dilation"):
+        for name, limit in _PAIR_LIMITS.items():
             if min(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+            if max(getattr(self, name)) > limit:
+                raise ValueError(f"{name} must be ≤ {limit}, got {getattr(self, name)}")
         if self.padding != "same" and min(self.padding) < 0:
             raise ValueError(f"padding must be ≥ 0, got {self.padding}")
+        if self.padding != "same" and max(self.padding) > MAX_PADDING:
+            raise ValueError(f"padding must be ≤ {MAX_PADDING}, got {self.padding}")
         if self.padding == "same" and self.stride != (1, 1):
             raise ValueError("padding='same' needs stride (1, 1)")
         if self.in_features % self.groups or self.out_features % self.groups:
@@ -140,6 +152,10 @@ class KernelMeta(BaseModel):
     digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
     size_bytes: int = Field(ge=0)
     hmac_sha256: str | None = None
+    vouched_by: Literal["compiler", "admin"] | None = None
+    """Who vouches for the code this artifact runs while it loads (TorchScript's `__setstate__`,
+    which cannot be inspected first): the blueprint compiler that made it, or an Urza uploader
+    holding the admin token. None: accepted on inspection alone. The signature covers it."""
     blueprint: str | None = None
     blueprint_version: int | None = None
     default_blend: Blend = "add"

@@ -34,8 +34,13 @@ class KernelArtifact:
 
 
 def _message(meta: KernelMeta) -> bytes:
-    # The signature binds the id to the digest, and the digest to the bytes.
-    return f"{meta.kernel_id}\n{meta.digest}".encode()
+    # The signature binds the id to the digest, and the digest to the bytes; and who vouches for
+    # code the bytes run at load, so a cache tier cannot grant that trust. Unvouched artifacts
+    # keep the message they were signed with before the field existed.
+    message = f"{meta.kernel_id}\n{meta.digest}"
+    if meta.vouched_by is not None:
+        message += f"\nvouched-by:{meta.vouched_by}"
+    return message.encode()
 
 
 def sign(meta: KernelMeta, key: bytes) -> str:

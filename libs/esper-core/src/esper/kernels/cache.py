@@ -1,7 +1,8 @@
 """KernelCache: memory (LRU in bytes, deserialized modules) → the tiers behind it (Redis, HTTP, a
 local registry), each a KernelSource. Misses of one kernel coalesce into one fetch; every artifact
-is verified (digest, and HMAC when a key is set) before it is deserialized, and a bad one is never
-cached."""
+is verified (digest, and HMAC when a key is set) and inspected (esper.kernels.inspection: only
+tensor-math operators; TorchScript only when vouched for) before any of its code runs, and a bad
+one is never cached."""
 
 from __future__ import annotations
 
@@ -12,13 +13,20 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from torch import nn
 
 from esper._sync import run_sync
 from esper.contracts.kernels import KernelMeta
 from esper.contracts.vocabulary import KERNEL_ID_RE
-from esper.exceptions import ArtifactError, KernelFetchError, UnknownKernelError
+from esper.exceptions import (
+    ArtifactError,
+    KernelFetchError,
+    KernelUnreachableError,
+    UnknownKernelError,
+    is_transient,
+)
 from esper.kernels.artifact import KernelArtifact, verify
 from esper.kernels.executor import deserialize
 
@@ -68,6 +76,9 @@ class KernelCache:
     sources: Sequence[KernelSource] = ()
     max_bytes: int = 256 << 20
     signing_key: bytes | None = None
+    trust_torchscript: bool = False
+    """Load TorchScript kernels nobody vouches for (`KernelMeta.vouched_by` unset). Their load
+    runs code from the archive that cannot be inspected first: for kernels you made yourself."""
     _entries: OrderedDict[str, CachedKernel] = field(default_factory=OrderedDict, init=False)
     _bytes: int = field(default=0, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -84,10 +95,12 @@ class KernelCache:
         """The kernel id `ref` (an id, a name or a tag) refers to. An id is its own answer (tags
         never look like ids), so loading by id costs no lookup round trip; fetching it says
         whether a tier has it. A tier that fails is skipped; when none knows a name and some
-        failed, that is a KernelFetchError, not an unknown name."""
+        failed, that is a KernelFetchError, not an unknown name (KernelUnreachableError when a
+        tier could not be reached, so that asking again later may work)."""
         if KERNEL_ID_RE.fullmatch(ref):
             return ref
         failures = []
+        unreachable = False
         for source in self.sources:
             try:
                 kernel_id = await source.resolve(ref)
@@ -96,12 +109,13 @@ class KernelCache:
             except Exception as err:
                 self._stats[source.name].errors += 1
                 failures.append(f"{source.name}: {type(err).__name__}: {err}")
+                unreachable = unreachable or is_transient(err)
                 log.warning("tier %s could not resolve %r: %s", source.name, ref, err)
                 continue
             if kernel_id:
                 return kernel_id
         if failures:
-            raise KernelFetchError(
+            raise (KernelUnreachableError if unreachable else KernelFetchError)(
                 f"cannot resolve kernel {ref!r}: no tier knows it and some failed: "
                 + "; ".join(failures)
             )
@@ -142,15 +156,18 @@ class KernelCache:
     def put(self, artifact: KernelArtifact) -> CachedKernel:
         """Verify, deserialize and keep an artifact made in this process (a local compile)."""
         verify(artifact, self.signing_key)
-        return self._insert(artifact.meta, deserialize(artifact))
+        template = deserialize(artifact, trust_torchscript=self.trust_torchscript)
+        return self._insert(artifact.meta, template)
 
     # -------------------------------------------------------------- tiers
     async def _fetch(self, kernel_id: str) -> CachedKernel:
         """Ask each tier in turn. A tier that fails, or whose artifact is refused (wrong id, digest
         or signature; not loadable), is counted and the next tier is asked; a refused artifact is
         never cached. When no tier delivers: the first refusal's error (typed) if there was one,
-        else KernelFetchError naming each failed tier, else UnknownKernelError."""
+        else KernelFetchError naming each failed tier (KernelUnreachableError when one of them
+        could not be reached), else UnknownKernelError."""
         failures: list[str] = []
+        unreachable = False
         refused: ArtifactError | None = None
         for index, source in enumerate(self.sources):
             stats = self._stats[source.name]
@@ -166,6 +183,7 @@ class KernelCache:
             except Exception as err:
                 stats.errors += 1
                 failures.append(f"{source.name}: {type(err).__name__}: {err}")
+                unreachable = unreachable or is_transient(err)
                 log.warning("tier %s failed to fetch %s: %s", source.name, kernel_id, err)
                 continue
             if artifact is None:
@@ -179,7 +197,9 @@ class KernelCache:
                         f"when asked for {kernel_id}"
                     )
                 verify(artifact, self.signing_key)
-                template = await asyncio.to_thread(deserialize, artifact)
+                template = await asyncio.to_thread(
+                    partial(deserialize, trust_torchscript=self.trust_torchscript), artifact
+                )
             except ArtifactError as err:
                 stats.rejected += 1
                 failures.append(f"{source.name}: refused: {err}")
@@ -197,7 +217,11 @@ class KernelCache:
                 raise refused
             raise type(refused)(f"{refused} (every tier failed: {'; '.join(failures)})") from None
         if failures:
-            raise KernelFetchError(f"kernel {kernel_id}: every tier failed: {'; '.join(failures)}")
+            # A refusal above says the bytes are bad wherever they come from; without one, a
+            # tier that could not be reached may still have served the kernel.
+            raise (KernelUnreachableError if unreachable else KernelFetchError)(
+                f"kernel {kernel_id}: every tier failed: {'; '.join(failures)}"
+            )
         tiers = ", ".join([MEMORY, *(s.name for s in self.sources)])
         raise UnknownKernelError(f"kernel {kernel_id} is in no cache tier ({tiers})")
 

@@ -20,8 +20,15 @@ from torch.export import Dim
 
 from esper.contracts.kernels import HostSignature
 from esper.contracts.vocabulary import KernelFormat
-from esper.exceptions import CorruptArtifactError, KernelDtypeError, KernelShapeError
+from esper.exceptions import (
+    ArtifactError,
+    CorruptArtifactError,
+    KernelDtypeError,
+    KernelShapeError,
+    UntrustedKernelError,
+)
 from esper.kernels.artifact import KernelArtifact
+from esper.kernels.inspection import inspect_script_module, load_export_program
 
 EXAMPLE_BATCH = 5  # distinct from the spatial example sizes, so export does not unify the dims
 PROBE_SEED = 0x5EED
@@ -88,7 +95,9 @@ def save_program(program: torch.export.ExportedProgram) -> bytes:
 
 def program_module(program: torch.export.ExportedProgram) -> nn.Module:
     """The trainable module of an exported program, as `deserialize` gives it for its bytes."""
-    module: nn.Module = program.module()
+    # No guards: .module() would exec() the archive's guard code; the executor's probe and the
+    # layer's shape checks do that work.
+    module: nn.Module = program.module(check_guards=False)
     # ExportedProgram.module() shadows train()/eval() with methods that raise, so a model
     # holding the kernel as a submodule could no longer call model.train() or model.eval().
     # The graph has no modes (blueprints have no dropout or batch norm), so nn.Module's own
@@ -100,20 +109,39 @@ def program_module(program: torch.export.ExportedProgram) -> nn.Module:
     return module
 
 
-def deserialize(artifact: KernelArtifact) -> nn.Module:
-    """Bytes → module on the CPU. Call only after artifact.verify(): deserializing runs a loader."""
+def deserialize(artifact: KernelArtifact, *, trust_torchscript: bool = False) -> nn.Module:
+    """Bytes → module on the CPU, inspected before any of the kernel's code can run (see
+    esper.kernels.inspection): an operator off the allow-list is an UnsafeKernelError.
+
+    A torch.export archive is read by the inspection's own loader, never `torch.export.load`
+    (which unpickles and evals what the archive says). A TorchScript archive runs its
+    `__setstate__` while loading, so it is loaded only when `meta.vouched_by` says who vouches
+    for it (the blueprint compiler, or an Urza admin upload; check the signature first:
+    `verify`) or the caller passes `trust_torchscript`; else UntrustedKernelError. Its methods
+    are then inspected before anything calls forward."""
     meta = artifact.meta
+    where = f"kernel {meta.kernel_id}"
+    if meta.format == "torchscript" and meta.vouched_by is None and not trust_torchscript:
+        raise UntrustedKernelError(
+            f"{where}: TorchScript runs code from the archive (__setstate__) while it loads, "
+            "before it can be inspected; it is loaded only when Urza vouches for it (compiled "
+            "by Urza, or uploaded with Urza's admin token) or this loader trusts TorchScript"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             if meta.format == "export":
                 with _EXPORT_LOCK:
-                    module: nn.Module = program_module(torch.export.load(io.BytesIO(artifact.data)))
+                    program = load_export_program(artifact.data, where)
+                    module: nn.Module = program_module(program)
             else:
                 module = torch.jit.load(io.BytesIO(artifact.data), map_location="cpu")
+                inspect_script_module(module, where)  # type: ignore[arg-type]
+    except ArtifactError:
+        raise
     except Exception as err:
         raise CorruptArtifactError(
-            f"kernel {meta.kernel_id}: artifact is not a loadable {meta.format} kernel "
+            f"{where}: artifact is not a loadable {meta.format} kernel "
             f"({type(err).__name__}: {str(err)[:200]})"
         ) from None
     return module

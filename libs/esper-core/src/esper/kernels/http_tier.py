@@ -26,7 +26,14 @@ import httpx
 
 from esper._backoff import Backoff
 from esper.client.urza import DEFAULT_TIMEOUT_S, UrzaClient
-from esper.exceptions import ConfigError, KernelFetchError, ServiceError, ServiceUnreachableError
+from esper.exceptions import (
+    RETRYABLE_STATUSES,
+    ConfigError,
+    KernelFetchError,
+    KernelUnreachableError,
+    ServiceError,
+    ServiceUnreachableError,
+)
 from esper.kernels._loops import PerLoop
 from esper.kernels.artifact import KernelArtifact
 from esper.kernels.cache import KernelSource
@@ -35,7 +42,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BreakerState = Literal["closed", "open", "half_open"]
-RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
 
 @dataclass
@@ -73,7 +79,8 @@ class _Breaker:
             return "open"
 
     def admit(self, what: str) -> bool:
-        """Whether this request is the half-open trial; KernelFetchError when it may not go."""
+        """Whether this request is the half-open trial; KernelUnreachableError when it may not
+        go (Urza is presumed down: a later call may pass)."""
         with self._lock:
             if self._opened_at is None:
                 return False
@@ -87,7 +94,7 @@ class _Breaker:
                 if self._trial
                 else f"next trial in {self.reset_s - waited:.2f}s"
             )
-        raise KernelFetchError(
+        raise KernelUnreachableError(
             f"{what}: circuit open after {self.threshold} consecutive failed requests ({why})"
         )
 
@@ -186,7 +193,8 @@ class UrzaKernelTier(KernelSource):
 
     # ------------------------------------------------------------------ requests
     async def _ask(self, path: str, request: Callable[[UrzaClient], Awaitable[T]]) -> T | None:
-        """Urza's answer, or None for a 404; anything else is a KernelFetchError."""
+        """Urza's answer, or None for a 404; anything else is a KernelFetchError (its subclass
+        KernelUnreachableError when Urza did not answer, or answered "not now")."""
         url = self.base_url + path
         trial = self._breaker.admit(f"GET {url}")
         self._stats.requests += 1
@@ -195,7 +203,7 @@ class UrzaKernelTier(KernelSource):
         except _Unavailable as err:
             self._stats.failures += 1
             self._breaker.failed(trial)
-            raise KernelFetchError(str(err)) from err.__cause__
+            raise KernelUnreachableError(str(err)) from err.__cause__
         except ServiceError as err:
             # Any answer that is not retryable means Urza is up, whatever it said.
             self._breaker.succeeded()

@@ -21,9 +21,11 @@ def tiered_cache(
     signing_key: bytes | None = None,
     max_bytes: int = 256 << 20,
     extra_sources: Sequence[KernelSource] = (),
+    trust_torchscript: bool = False,
 ) -> KernelCache:
     """A KernelCache asking memory, then Redis, then Urza, then `extra_sources`, skipping the
-    tiers not configured. Artifacts found in a later tier are written back to Redis."""
+    tiers not configured. Artifacts found in a later tier are written back to Redis.
+    `trust_torchscript`: see KernelCache (off: only TorchScript that Urza vouches for loads)."""
     if urza_token is not None and urza_url is None:
         raise ConfigError("urza_token is given but urza_url is not")
     sources: list[KernelSource] = []
@@ -36,4 +38,9 @@ def tiered_cache(
     repeated = sorted(name for name, n in Counter(s.name for s in sources).items() if n > 1)
     if repeated:
         raise ConfigError(f"two cache tiers share the name(s) {', '.join(repeated)}")
-    return KernelCache(sources, max_bytes=max_bytes, signing_key=signing_key)
+    return KernelCache(
+        sources,
+        max_bytes=max_bytes,
+        signing_key=signing_key,
+        trust_torchscript=trust_torchscript,
+    )

@@ -71,7 +71,10 @@ class RedisServer(control.ChildProcess):
         binary: str | None = None,
         config: dict[str, str] | None = None,
         startup_timeout_s: float = 10.0,
+        death_signal: int | None = None,
     ) -> None:
+        """`death_signal`: see `ChildProcess.death_signal` (the local stack sets SIGTERM)."""
+        self.death_signal = death_signal
         self.binary = binary or find_redis_server()
         self._auto_port = port is None
         self.port = port if port is not None else free_port()
@@ -125,11 +128,14 @@ class RedisServer(control.ChildProcess):
     def _spawn(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._adopt(
-            subprocess.Popen(
+            self._popen(
                 self._args(),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                # A Ctrl-C in a terminal goes to the whole foreground group: Redis would quit
+                # while the services still flush to it. Its owner stops it last, on purpose.
+                start_new_session=True,
             )
         )
 

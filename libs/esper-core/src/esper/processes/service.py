@@ -46,7 +46,9 @@ class ServiceProcess(control.ChildProcess):
         log_dir: str | os.PathLike[str] | None = None,
         port: int | None = None,
         drop_inherited: Sequence[str] = (),
+        death_signal: int | None = None,
     ) -> None:
+        self.death_signal = death_signal  # see ChildProcess.death_signal
         self.module = module
         self.port = port if port is not None else free_port()
         dropped = tuple(drop_inherited)
@@ -66,7 +68,7 @@ class ServiceProcess(control.ChildProcess):
             return self
         with open(self.log_path, "ab") as log:
             self._adopt(
-                subprocess.Popen(
+                self._popen(
                     [sys.executable, "-m", self.module],
                     env=self.env,
                     stdout=log,

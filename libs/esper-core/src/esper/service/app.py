@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from http import HTTPStatus
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -18,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.process_collector import ProcessCollector
 
 from esper.bus.producer import Producer
-from esper.contracts.api import Check, HealthStatus, Readiness
+from esper.contracts.api import Check, ErrorBody, HealthStatus, Readiness
 from esper.service.errors import ErrorTable, install_error_handlers, install_error_table
 from esper.service.heartbeat import HeartbeatPublisher
 from esper.service.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestMetrics
@@ -101,6 +103,7 @@ def create_app(
     ProcessCollector(registry=registry)
     app.state.registry = registry
 
+    _json_error_docs(app)
     install_error_handlers(app)
     install_error_table(app, errors or {})
     app.add_middleware(MetricsMiddleware, metrics=RequestMetrics(registry, service))
@@ -111,6 +114,42 @@ def create_app(
     for router in routers:
         app.include_router(router)
     return app
+
+
+def _json_error_docs(app: FastAPI) -> None:
+    """Document every error answer as the JSON it is. FastAPI files an error model of a route
+    whose response class is text (an HTML report, plain-text logs) under that text media type,
+    while the error handlers answer those routes with JSON like every other. Operations behind
+    RequireToken (marked by its security scheme) get its 401 and 403."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _document_errors(build())
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _document_errors(document: dict[str, Any]) -> None:
+    components = document.setdefault("components", {}).setdefault("schemas", {})
+    if "ErrorBody" not in components:
+        body = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components["ErrorBody"] = body
+    error_json = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            answers = operation.setdefault("responses", {})
+            if operation.get("security"):
+                for code in ("401", "403"):
+                    phrase = HTTPStatus(int(code)).phrase
+                    answers.setdefault(code, {"description": phrase, "content": dict(error_json)})
+            for code, answer in answers.items():
+                content = answer.get("content")
+                if str(code)[:1] in "45" and content and "application/json" not in content:
+                    schema = next(iter(content.values())).get("schema", {})
+                    answer["content"] = {"application/json": {"schema": schema}}
 
 
 def _probes() -> APIRouter:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from esper.service.errors import ApiError
 
+# Declared through FastAPI's security scheme so that the OpenAPI document marks the guarded
+# operations (app.py documents their 401 and 403 from that mark); the header is checked below.
+_bearer = HTTPBearer(auto_error=False, description="the service's API token (<SERVICE>_API_TOKEN)")
 
-def require_token(request: Request) -> None:
+
+def require_token(
+    request: Request,
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
+) -> None:
     """Pass when no token is configured (a local stack) or the request carries the right one."""
     expected = request.app.state.settings.api_token
     if expected is None or not expected.get_secret_value():

@@ -19,7 +19,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
+from esper.bus.connection import CONNECTION_ERRORS
 from esper.contracts.api import ErrorBody
 
 log = logging.getLogger("esper.service")
@@ -145,11 +147,43 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.__cause__, RecursionError):
+        # FastAPI's own body parsing turns any parser failure into a bare 400.
+        return await _too_deep(request, exc.__cause__)
+    if exc.status_code == 400:
+        # Only the framework raises a bare 400 (the services raise ApiError): for bytes that are
+        # not text or a malformed multipart form. As bad a body as text that is not JSON, which
+        # is a 422 of the one shape.
+        cause = exc.__cause__
+        detail = f"{cause}" if cause is not None and str(cause) else str(exc.detail)
+        message = f"the request body could not be parsed: {detail}"[:4000]
+        return error_response(422, ErrorBody.of("validation_error", message, ["body"]))
     kind = _type_of(exc.status_code)
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}"
-    return error_response(exc.status_code, ErrorBody.of(kind, message[:4000]), exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # The router stops at the first route whose path matches, so its Allow names only that
+        # route's methods; a path served by several routes (GET and DELETE apart) allows them all.
+        allowed = _allowed_methods(request)
+        if allowed:
+            headers["Allow"] = ", ".join(allowed)
+    return error_response(exc.status_code, ErrorBody.of(kind, message[:4000]), headers)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    # Each method is tried against the whole route table rather than read off the routes, whose
+    # layout (FastAPI nests included routers) is the framework's own business.
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -168,6 +202,31 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, ErrorBody.of("validation_error", message, location, errors=summary))
 
 
+async def _too_deep(request: Request, exc: Exception) -> JSONResponse:
+    # A body nested deeper than the parser's recursion limit (`[` x 100k) is bad input, not a
+    # crash: answered here, below the server-error middleware, the connection stays usable.
+    message = "the request body is nested too deeply to parse"
+    return error_response(422, ErrorBody.of("validation_error", message, ["body"]))
+
+
+REDIS_RETRY_AFTER_S = 5
+"""What `Retry-After` tells a client while Redis is away: about one restart of a Redis server."""
+
+
+async def _redis_away(request: Request, exc: Exception) -> JSONResponse:
+    # An outage, not a bug: a client should come back, so no traceback and no 500.
+    log.warning("%s %s: unreachable: %s", request.method, request.url.path, exc)
+    message = (
+        f"a server this service depends on (its Redis) is unreachable ({type(exc).__name__}); "
+        "retry shortly"
+    )
+    return error_response(
+        503,
+        ErrorBody.of("unavailable", message),
+        {"Retry-After": str(REDIS_RETRY_AFTER_S)},
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     message = f"internal error ({type(exc).__name__}); the service log has the traceback"
@@ -178,4 +237,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    for outage in CONNECTION_ERRORS:  # a service's own table may still answer these its way
+        if issubclass(outage, Exception):
+            app.add_exception_handler(outage, _redis_away)
+    app.add_exception_handler(RecursionError, _too_deep)
     app.add_exception_handler(Exception, _unexpected)

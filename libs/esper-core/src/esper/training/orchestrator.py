@@ -7,6 +7,12 @@ answers with a DecisionTaken. Every lifecycle transition is emitted as a SeedTra
 
 The orchestrator knows nothing of HTTP or Redis: it takes a provider and an `emit` callable, so
 the same code runs in Tolaria's worker, in a notebook, and in the tests.
+
+Urza away for a moment must not cost a job its growth: a germination whose kernel cannot be
+compiled or fetched for want of an answer tries again, with backoff, for the spec's
+`kernel_retry_s`; only then is it refused, as `kernel_unreachable` (a code that tells the
+controller to decide again later). A failure that would repeat (an unknown blueprint, a compile
+error, an artifact that fails verification) is refused at once, as before.
 """
 
 from __future__ import annotations
@@ -15,19 +21,20 @@ import asyncio
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 
+from esper._backoff import Backoff
 from esper.contracts.control import ControlDecision
 from esper.contracts.envelope import Message
 from esper.contracts.events import DecisionTaken, DecisionTakenV1, RefusalCode, SeedTransition
 from esper.contracts.jobs import MorphogenesisSpec, SeedView
 from esper.contracts.telemetry import finite_or_none
 from esper.contracts.vocabulary import KernelFormat, SeedStateName, clip
-from esper.exceptions import ConfigError
+from esper.exceptions import ConfigError, ServiceError, is_transient
 from esper.kasmina.layer import KasminaLayer, SeedInfo
 from esper.kasmina.lifecycle import LifecycleEvent
 from esper.kasmina.state import RUNNING_STATES, SeedState
@@ -38,6 +45,12 @@ log = logging.getLogger(__name__)
 
 SeedKey = tuple[str, int]
 STATE_VERSION = 1
+T = TypeVar("T")
+
+RETRY_BASE_S = 0.25
+"""The first wait before a kernel compile or fetch is tried again; waits double up to
+RETRY_CAP_S, jittered, and never run past the decision's deadline."""
+RETRY_CAP_S = 2.0
 
 
 @dataclass
@@ -61,6 +74,17 @@ class SeedRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SeedRecord:
         return cls(**data)
+
+
+class _GaveUp(Exception):
+    """Transient failures went on until the decision's deadline: `last` is the latest."""
+
+    def __init__(self, last: Exception, attempts: int, waited_s: float) -> None:
+        super().__init__(
+            f"unreachable for {waited_s:.1f} s ({attempts} attempt{'s' if attempts > 1 else ''}); "
+            f"last: {type(last).__name__}: {last}"
+        )
+        self.last = last
 
 
 class _Refusal(Exception):
@@ -304,22 +328,46 @@ class SeedOrchestrator:
                 slot,
             )
 
+        # One budget for the compile and the fetch: the job's training waits on this decision.
+        deadline = asyncio.get_running_loop().time() + self.spec.kernel_retry_s
         if d.kernel is not None:
             kernel_ref = d.kernel  # a published id or tag: the hot-swap case, loaded as is
         else:
             assert d.blueprint is not None  # the contract requires exactly one of the two
+            blueprint = d.blueprint
+            what = (
+                f"no kernel for blueprint {blueprint!r} on layer {name!r} "
+                f"({kl.signature.kind} {kl.signature.in_features}→{kl.signature.out_features})"
+            )
             try:
-                kernel_ref = await self.provider.kernel_for(
-                    d.blueprint, kl.signature, self.kernel_format
+                kernel_ref = await self._patiently(
+                    lambda: self.provider.kernel_for(blueprint, kl.signature, self.kernel_format),
+                    deadline,
+                    f"compiling {blueprint!r} for layer {name!r}",
                 )
+            except _GaveUp as gave_up:
+                raise _Refusal("kernel_unreachable", f"{what}: {gave_up}", slot) from None
             except Exception as err:
                 raise _Refusal(
-                    "kernel_unavailable",
-                    f"no kernel for blueprint {d.blueprint!r} on layer {name!r} "
-                    f"({kl.signature.kind} {kl.signature.in_features}→"
-                    f"{kl.signature.out_features}): {type(err).__name__}: {err}",
-                    slot,
+                    "kernel_unavailable", f"{what}: {type(err).__name__}: {err}", slot
                 ) from None
+
+        try:
+            # Fetched before the slot is touched, so an outage ridden out here leaves no trace of
+            # failed loads; the load below then finds the kernel in the memory cache.
+            cached = await self._patiently(
+                lambda: self.morphable.kernels.get(kernel_ref), deadline, f"fetching {kernel_ref}"
+            )
+            kernel_ref = cached.meta.kernel_id
+        except _GaveUp as gave_up:
+            raise _Refusal(
+                "kernel_unreachable",
+                f"kernel {kernel_ref} for seed {slot} of layer {name!r} could not be fetched: "
+                f"{gave_up}",
+                slot,
+            ) from None
+        except Exception:
+            pass  # for good: the load below meets the same error and refuses as load_failed
 
         blend = d.blend or self.spec.blend
         try:
@@ -328,8 +376,10 @@ class SeedOrchestrator:
                 name, slot, kernel_ref, blend=blend, grad_isolation=self.spec.grad_isolation
             )
         except Exception as err:
+            # Unreachable again after the fetch above (a kernel too large for the memory cache
+            # is fetched anew): still not the kernel's fault.
             raise _Refusal(
-                "load_failed",
+                "kernel_unreachable" if is_transient(err) else "load_failed",
                 f"loading kernel {kernel_ref} into seed {slot} of layer {name!r} failed: "
                 f"{type(err).__name__}: {err}",
                 slot,
@@ -366,6 +416,41 @@ class SeedOrchestrator:
             f"germinated seed {slot} of layer {name!r} from {source} as {info.kernel_id} "
             f"(blend {info.blend.value}); α → {target} {ramp}"
         )
+
+    async def _patiently(self, call: Callable[[], Awaitable[T]], deadline: float, what: str) -> T:
+        """`call()`, tried again with backoff while it fails transiently (no answer, 429, 502-504,
+        the kernel tier's circuit open) and `deadline` (loop time) allows; the first try is
+        always made. A permanent failure is raised as it is, at once; transient failures that
+        outlast the deadline end in _GaveUp. A try already running at the deadline is bounded by
+        its client's own timeout, not cut short."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        backoff = Backoff(RETRY_BASE_S, RETRY_CAP_S, floor_s=RETRY_BASE_S)
+        attempts = 0
+        while True:
+            try:
+                return await call()
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                attempts += 1
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise _GaveUp(err, attempts, loop.time() - started) from None
+                delay = backoff.delay(attempts - 1)
+                if isinstance(err, ServiceError) and err.retry_after_s:
+                    delay = max(delay, err.retry_after_s)  # the server said when to come back
+                delay = min(delay, left)  # one last try at the deadline
+                log.warning(
+                    "job %s: %s failed (%s: %s); try %d again in %.2f s",
+                    self.job_id,
+                    what,
+                    type(err).__name__,
+                    err,
+                    attempts + 1,
+                    delay,
+                )
+                await asyncio.sleep(delay)
 
     def _move_alpha(self, layer: str, slot: int, target: float, steps: int) -> None:
         if steps > 0:

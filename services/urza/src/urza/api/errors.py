@@ -9,15 +9,18 @@ from esper.exceptions import (
     KernelMismatchError,
     UnknownBlueprintError,
     UnknownKernelError,
+    UnsafeKernelError,
 )
 from esper.service import ErrorMapping, ErrorTable, path_param
 from urza.compiler import QueueFullError
 from urza.errors import (
+    AdminTokenRequiredError,
     BlueprintConflictError,
     CorruptBlobError,
     InvalidBlueprintError,
     InvalidCursorError,
     InvalidTagError,
+    KernelBudgetError,
     KernelConflictError,
     UnknownTagError,
 )
@@ -33,10 +36,14 @@ ERRORS: ErrorTable = {
     ),
     InvalidBlueprintError: ErrorMapping(422, "invalid_blueprint", ["body"]),
     BlueprintHostError: ErrorMapping(422, "blueprint_host_mismatch", ["body", "host"]),
+    KernelBudgetError: ErrorMapping(422, "over_budget", ["body", "host"]),
     CompileError: ErrorMapping(422, "compile_failed", ["body", "blueprint"]),
     BlueprintConflictError: ErrorMapping(409, "conflict", ["body", "version"]),
     KernelConflictError: ErrorMapping(409, "conflict", ["body", "artifact"]),
     ArtifactError: _BAD_ARTIFACT,
+    # A kernel whose program does more than tensor math: the message names the operator.
+    UnsafeKernelError: ErrorMapping(422, "unsafe_kernel", ["body", "artifact"]),
+    AdminTokenRequiredError: ErrorMapping(403, "admin_token_required", ["body", "meta", "format"]),
     KernelMismatchError: _BAD_ARTIFACT,
     # Damage on Urza's own disk is Urza's failure, unlike bad bytes a client uploaded.
     CorruptBlobError: ErrorMapping(500, "corrupt_artifact", ["path", "kernel_id"]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -28,15 +29,20 @@ from esper.contracts import (
 )
 from esper.service import ApiError, RequireToken, error_responses
 from tolaria import checkpoint
+from tolaria.dataformats import relative_message
 from tolaria.deps import SettingsDep, StoreDep
+from tolaria.errors import SpecError
 from tolaria.jobstore import UnknownJobError
 from tolaria.runtime import control_group
+from tolaria.specyaml import load_spec_yaml
 from tolaria.validation import check_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
 _ERRORS = error_responses(404, 409, 413, 422)
 SOURCE = "tolaria"
+_STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
+"""A Redis stream entry id, which every event's `id:` is."""
 
 
 async def _parse_spec(request: Request) -> JobSpec:
@@ -45,7 +51,8 @@ async def _parse_spec(request: Request) -> JobSpec:
     kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
     try:
         if kind in ("application/yaml", "application/x-yaml", "text/yaml"):
-            data: Any = yaml.safe_load(body)
+            # In a thread and bounded: a big document must not stall the event loop.
+            data: Any = await asyncio.to_thread(load_spec_yaml, body)
         else:
             data = json.loads(body or b"null")
     except (ValueError, yaml.YAMLError) as err:
@@ -97,7 +104,14 @@ async def submit_job(
             view = await store.get(existing.decode() if isinstance(existing, bytes) else existing)
             response.status_code = status.HTTP_200_OK
             return JobSubmitted(job_id=view.job_id, status=view.status, created=False)
-    await asyncio.to_thread(check_spec, spec, settings.data_dir)
+    try:
+        await asyncio.to_thread(check_spec, spec, settings.data_dir, settings.max_job_memory_bytes)
+    except SpecError as err:
+        # Files named as the spec names them, relative to the data dir: its place on the server
+        # is not the client's business. Edited in place: a subclass keeps its own answer.
+        err.message = relative_message(err.message, settings.data_dir)
+        err.args = (relative_message(str(err), settings.data_dir),)
+        raise
     job_id = f"job-{uuid.uuid4().hex[:12]}"
     view, created = await store.create(job_id, spec)
     if not created:
@@ -186,15 +200,26 @@ async def job_checkpoint(job_id: JobId, store: StoreDep, settings: SettingsDep) 
     return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.pt")
 
 
-@router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS})
+@router.get(
+    "/{job_id}/events",
+    responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS, **error_responses(400)},
+)
 async def job_events(
     job_id: JobId, store: StoreDep, settings: SettingsDep, request: Request
 ) -> StreamingResponse:
     """Server-sent events: every event of the job so far, then live ones, until it ends.
     Each has `id` (resume with `Last-Event-ID`), `event` (the message type) and `data` (the
     envelope JSON): epochs (`telemetry.report`), seed transitions, decisions, status changes."""
-    await store.get(job_id)
     start = request.headers.get("last-event-id") or "0"
+    # Checked before the stream starts: once it has, a bad id could only break it mid-way.
+    if not _STREAM_ID.fullmatch(start) or any(int(p) >= 1 << 64 for p in start.split("-")):
+        raise ApiError(
+            400,
+            "bad_request",
+            f"Last-Event-ID must be the id of an event of this stream, not {start[:100]!r}",
+            ["header", "last-event-id"],
+        )
+    await store.get(job_id)
     return StreamingResponse(
         _event_stream(store, job_id, start, request, settings.bus.block_ms),
         media_type="text/event-stream",

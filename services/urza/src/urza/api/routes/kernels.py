@@ -5,9 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Path, Query, Request, Response, UploadFile, status
+from fastapi import (
+    APIRouter,
+    File,
+    Form,
+    Header,
+    Path,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+    status,
+)
 from pydantic import ValidationError
 
 from esper.contracts import (
@@ -23,6 +35,7 @@ from esper.contracts import (
 from esper.service import ApiError, RequireToken, error_responses
 from urza.deps import CompilerDep, SettingsDep, StoreDep
 from urza.errors import UnknownTagError
+from urza.settings import UrzaSettings
 
 router = APIRouter(prefix="/kernels", tags=["kernels"])
 
@@ -39,6 +52,23 @@ def _check_width(host: HostSignature, limit: int, where: list[str | int]) -> Non
             f"host width {widest} is over this Urza's limit of {limit}",
             where,
         )
+
+
+def _is_admin(settings: UrzaSettings, given: str | None) -> bool:
+    """No header: not an admin. A header that does not match: refused (403), not ignored, so a
+    caller learns that the token it holds is wrong."""
+    if given is None:
+        return False
+    expected = settings.admin_token_value
+    # compare_digest: the time taken must not reveal how much of the token matched.
+    if expected is None or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise ApiError(
+            403,
+            "forbidden",
+            "the admin token is not valid for this Urza",
+            ["header", "x-esper-admin-token"],
+        )
+    return True
 
 
 def _created(result: KernelResult, response: Response) -> KernelResult:
@@ -76,9 +106,19 @@ async def upload_kernel(
     response: Response,
     meta: Annotated[str, Form(description="KernelUpload as JSON")],
     artifact: Annotated[UploadFile, File(description="the kernel's bytes")],
+    admin_token: Annotated[
+        str | None,
+        Header(
+            alias="X-Esper-Admin-Token",
+            description="URZA_ADMIN_TOKEN: needed to upload TorchScript (its load runs code)",
+        ),
+    ] = None,
 ) -> KernelResult:
-    """Upload a trained kernel with its lineage. The bytes must load and fit the host named in
-    `meta`; the kernel is stored (201) or found already stored (200)."""
+    """Upload a trained kernel with its lineage. Its program is inspected before any of it runs
+    (only tensor-math operators: else 422 `unsafe_kernel`, naming the operator); TorchScript
+    needs the admin token (else 403 `admin_token_required`). The bytes must load and fit the
+    host named in `meta`; the kernel is stored (201) or found already stored (200)."""
+    admin = _is_admin(settings, admin_token)
     try:
         upload = KernelUpload.model_validate_json(meta)
     except ValidationError as err:
@@ -96,7 +136,7 @@ async def upload_kernel(
             ["body", "meta", "lineage", "parent_kernel_id"],
         )
     data = await artifact.read()
-    return _created(await compiler.upload(upload, data), response)
+    return _created(await compiler.upload(upload, data, admin=admin), response)
 
 
 @router.get("", response_model=Page[KernelMeta], responses=_ERRORS)
@@ -130,7 +170,10 @@ async def get_kernel(
 async def get_artifact(kernel_id: KernelIdPath, store: StoreDep, request: Request) -> Response:
     """The kernel's bytes. `ETag` is the sha256; `X-Esper-Digest` and `X-Esper-Signature` let a
     cache verify them, `X-Esper-Kernel-Meta` (base64url JSON) saves it a metadata round trip."""
-    meta = await asyncio.to_thread(store.get_kernel, kernel_id)
+    # Read and verified before any 304: a client revalidating a cached copy must learn that the
+    # store's blob is corrupt, as a GET would, not be told its copy is still good.
+    artifact = await asyncio.to_thread(store.read_artifact, kernel_id)
+    meta = artifact.meta
     etag = f'"{meta.digest.removeprefix("sha256:")}"'
     headers = {
         "ETag": etag,
@@ -142,7 +185,6 @@ async def get_artifact(kernel_id: KernelIdPath, store: StoreDep, request: Reques
         headers["X-Esper-Signature"] = meta.hmac_sha256
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
-    artifact = await asyncio.to_thread(store.read_artifact, kernel_id)
     return Response(artifact.data, media_type="application/octet-stream", headers=headers)
 
 
