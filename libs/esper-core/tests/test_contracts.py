@@ -34,6 +34,7 @@ from esper.contracts import (
     SeedStats,
     SeedTransition,
     TelemetryReport,
+    TelemetryReportV1,
     contract,
     contracts,
     examples,
@@ -109,10 +110,11 @@ def test_every_contract_travels_on_one_of_the_four_topics() -> None:
 
 
 def test_contract_lookup_by_type_and_version() -> None:
-    assert contract("telemetry.report", 1) is TelemetryReport
+    assert contract("telemetry.report", 2) is TelemetryReport
+    assert contract("telemetry.report", 1) is TelemetryReportV1
     with pytest.raises(UnknownMessageTypeError, match=r"'telemetry\.nope'"):
         contract("telemetry.nope", 1)
-    with pytest.raises(UnsupportedVersionError, match=r"no schema version 7 \(known: 1\)"):
+    with pytest.raises(UnsupportedVersionError, match=r"no schema version 7 \(known: 1, 2\)"):
         contract("telemetry.report", 7)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from esper.bus import BusSettings
 from esper.testing import RedisServer, ServiceProcess
 
 # Registered by import, as urza's conftest explains (pytest_plugins is refused below rootdir).
@@ -23,7 +24,7 @@ from esper.testing.pytest_plugin import (  # noqa: F401
 
 # Helpers beside the tests are imported by name; importlib mode does not add this directory.
 sys.path.insert(0, str(Path(__file__).parent))
-from tamiyo_helpers import TOKEN
+from tamiyo_helpers import TOKEN, Harness
 
 _instances = itertools.count()
 _OURS = ("TAMIYO_", "ESPER_BUS_")
@@ -73,3 +74,11 @@ def client(tamiyo: ServiceProcess) -> Iterator[httpx.Client]:
         base_url=tamiyo.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
     ) as c:
         yield c
+
+
+@pytest.fixture
+async def harness(bus_settings: BusSettings) -> AsyncIterator[Harness]:  # noqa: F811
+    """Controllers on a real Redis, a producer standing in for Tolaria, the control stream."""
+    h = Harness(bus_settings)
+    yield h
+    await h.close()

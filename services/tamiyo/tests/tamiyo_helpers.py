@@ -6,24 +6,33 @@ Tolaria job would send them, so the tests feed Tamiyo what it gets in production
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+from esper.bus import FIELD, BusSettings, Producer, connect
 from esper.contracts import (
+    ControlAnswer,
+    ControlDecision,
     DecisionTaken,
+    Envelope,
     JobStatusChanged,
     LayerStats,
+    Message,
     RefusalCode,
     SeedStats,
     SeedTransition,
     TelemetryReport,
 )
 from tamiyo import tracking
-from tamiyo.catalogue import builtin_catalogue
+from tamiyo.catalogue import Catalogue, builtin_catalogue
 from tamiyo.config import PolicyConfig
-from tamiyo.controller import build_decision
+from tamiyo.controller import Controller, build_decision
 from tamiyo.models import JobState
 from tamiyo.policy import Context, HeuristicPolicy, Proposal
+from tamiyo.settings import TamiyoSettings
+from tamiyo.store import TamiyoStore
 
 TOKEN = "tamiyo-test-token"
 LAYERS = ("0", "2", "4")
@@ -58,7 +67,11 @@ def report(
     layers: Iterable[LayerStats] | None = None,
     seeds: Iterable[SeedStats] = (),
     val_accuracy: float | None = 0.5,
+    point: bool = False,
+    answers: Iterable[DecisionTaken] = (),
 ) -> TelemetryReport:
+    """A report; `point`: a decision point (the job waits for the answer), carrying the job's
+    `answers` to the decisions it executed since its previous report."""
     return TelemetryReport(
         job_id=job_id,
         epoch=epoch,
@@ -68,6 +81,8 @@ def report(
         val_accuracy=val_accuracy,
         layers=list(default_layers() if layers is None else layers),
         seeds=list(seeds),
+        decision_point=point,
+        answers=list(answers),
     )
 
 
@@ -175,3 +190,77 @@ class Driver:
         for epoch in range(start, stop):
             out += self.feed(report(self.job_id, epoch, val_loss, **kw))
         return out
+
+
+FAST = PolicyConfig(warmup_epochs=2, patience=2, min_delta=0.01, evaluation_epochs=1)
+
+
+class Harness:
+    """Controllers on one Redis, a producer standing in for Tolaria, and the control stream."""
+
+    def __init__(self, bus: BusSettings) -> None:
+        self.bus = bus
+        self.redis = connect(bus)
+        self.producer = Producer(bus)
+        self.running: list[Controller] = []
+        self.instances = 0
+
+    def controller(self, config: PolicyConfig = FAST, start: bool = True) -> Controller:
+        self.instances += 1
+        settings = TamiyoSettings(
+            bus=self.bus, instance=f"tamiyo-{self.instances}", policy=config, heartbeat=False
+        )
+        store = TamiyoStore(connect(self.bus), self.bus, config)
+        controller = Controller(settings, store, Catalogue(None), HeuristicPolicy())
+        if start:
+            controller.start()
+            self.running.append(controller)
+        return controller
+
+    async def stop(self, controller: Controller) -> None:
+        await controller.stop()
+        await controller.store.redis.aclose()
+        self.running.remove(controller)
+
+    async def send(self, message: Message) -> Envelope:
+        envelope = Envelope.wrap(message, source="tolaria")
+        await self.producer.publish(envelope)
+        return envelope
+
+    async def entries(self) -> list[tuple[Envelope, Message]]:
+        """Everything on the control stream, in order."""
+        entries: list[Any] = await self.redis.xrange(self.bus.stream("control"))  # type: ignore[assignment]
+        out = []
+        for _, fields in entries:
+            envelope = Envelope.decode(fields[FIELD])
+            out.append((envelope, envelope.message()))
+        return out
+
+    async def control(self) -> list[tuple[Envelope, ControlDecision]]:
+        """The control.decision messages on the control stream."""
+        return [(e, m) for e, m in await self.entries() if isinstance(m, ControlDecision)]
+
+    async def answers(self, job_id: str) -> list[ControlAnswer]:
+        """The control.answer messages to one job, in order."""
+        found = [m for _, m in await self.entries() if isinstance(m, ControlAnswer)]
+        return [a for a in found if a.job_id == job_id]
+
+    async def state(self, job_id: str) -> JobState | None:
+        store = TamiyoStore(self.redis, self.bus, FAST)
+        return await store.state(job_id)
+
+    async def close(self) -> None:
+        for controller in list(self.running):
+            await self.stop(controller)
+        await self.producer.close()
+        await self.redis.aclose()
+
+
+async def until(check: Callable[[], Awaitable[Any]], timeout_s: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = await check()
+        if result:
+            return result
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not within {timeout_s} s")

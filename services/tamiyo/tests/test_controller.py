@@ -3,96 +3,17 @@ control stream, state in Redis. Idempotence, duplicates, two replicas, a restart
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
-import pytest
 import redis as sync_redis
-from tamiyo_helpers import report, running, seed, taken
+from tamiyo_helpers import FAST, Harness, report, running, seed, taken, until
 
-from esper.bus import FIELD, BusSettings, Delivery, Producer, connect
-from esper.contracts import ControlDecision, Envelope, Message
-from tamiyo.catalogue import Catalogue
+from esper.bus import Delivery
+from esper.contracts import ControlDecision, Envelope
 from tamiyo.config import PolicyConfig
 from tamiyo.controller import Controller, derive_decision_id
 from tamiyo.models import JobState
-from tamiyo.policy import HeuristicPolicy
-from tamiyo.settings import TamiyoSettings
 from tamiyo.store import Change, TamiyoStore
-
-FAST = PolicyConfig(warmup_epochs=2, patience=2, min_delta=0.01, evaluation_epochs=1)
-
-
-class Harness:
-    """Controllers on one Redis, a producer standing in for Tolaria, and the control stream."""
-
-    def __init__(self, bus: BusSettings) -> None:
-        self.bus = bus
-        self.redis = connect(bus)
-        self.producer = Producer(bus)
-        self.running: list[Controller] = []
-        self.instances = 0
-
-    def controller(self, config: PolicyConfig = FAST, start: bool = True) -> Controller:
-        self.instances += 1
-        settings = TamiyoSettings(
-            bus=self.bus, instance=f"tamiyo-{self.instances}", policy=config, heartbeat=False
-        )
-        store = TamiyoStore(connect(self.bus), self.bus, config)
-        controller = Controller(settings, store, Catalogue(None), HeuristicPolicy())
-        if start:
-            controller.start()
-            self.running.append(controller)
-        return controller
-
-    async def stop(self, controller: Controller) -> None:
-        await controller.stop()
-        await controller.store.redis.aclose()
-        self.running.remove(controller)
-
-    async def send(self, message: Message) -> Envelope:
-        envelope = Envelope.wrap(message, source="tolaria")
-        await self.producer.publish(envelope)
-        return envelope
-
-    async def control(self) -> list[tuple[Envelope, ControlDecision]]:
-        entries = await self.redis.xrange(self.bus.stream("control"))
-        out = []
-        for _, fields in entries:
-            envelope = Envelope.decode(fields[FIELD])
-            decision = envelope.message()
-            assert isinstance(decision, ControlDecision)
-            out.append((envelope, decision))
-        return out
-
-    async def state(self, job_id: str) -> JobState | None:
-        store = TamiyoStore(self.redis, self.bus, FAST)
-        return await store.state(job_id)
-
-    async def close(self) -> None:
-        for controller in list(self.running):
-            await self.stop(controller)
-        await self.producer.close()
-        await self.redis.aclose()
-
-
-async def until(check: Callable[[], Awaitable[Any]], timeout_s: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = await check()
-        if result:
-            return result
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"not within {timeout_s} s")
-
-
-@pytest.fixture
-async def harness(bus_settings: BusSettings) -> AsyncIterator[Harness]:
-    h = Harness(bus_settings)
-    yield h
-    await h.close()
 
 
 async def flat_job(h: Harness, job_id: str, epochs: range) -> list[Envelope]:

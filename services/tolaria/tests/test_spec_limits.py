@@ -4,9 +4,14 @@ estimated memory is over the budget is refused with the estimate and the budget.
 
 from __future__ import annotations
 
+import pickle
+import re
 import statistics
+import struct
 import threading
 import time
+import tracemalloc
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,16 +21,17 @@ import numpy as np
 import pytest
 import torch
 from jobhelpers import TOKEN
+from test_datasets import write_cifar_batch, write_mnist
 
 from esper.cli.stack import DEMO_JOB
 from esper.contracts import JobSpec
 from esper.contracts.jobs import FileData, SyntheticData, TrainingSpec
+from esper.specyaml import YamlLimitError, load_spec_yaml
 from esper.testing import ServiceProcess
 from tolaria.datasets import dataset_geometry, load_dataset
 from tolaria.errors import SpecError
 from tolaria.memory import check_job_memory, estimate_job_memory
 from tolaria.models import build_model
-from tolaria.specyaml import YamlLimitError, load_spec_yaml
 from tolaria.validation import check_spec
 
 TolariaFactory = Callable[..., ServiceProcess]
@@ -263,12 +269,226 @@ def test_the_geometry_check_agrees_with_loading(tmp_path: Path) -> None:
     np.savez(tmp_path / "imgs.npz", x=rng.random((50, 3, 8, 8)), y=np.arange(50) % 3)
     blobs = SyntheticData(kind="blobs", samples=300, features=16, classes=5)
     for dataset in (blobs, FileData(kind="npz", path="imgs.npz")):
-        data = load_dataset(dataset, tmp_path)
-        samples = len(data.train_y) + len(data.val_y) + len(data.test_y)
-        assert dataset_geometry(dataset, tmp_path) == (data.input_shape, data.classes, samples)
-    np.savez(tmp_path / "zeros.npz", x=np.ones((50, 4)), y=np.zeros(50, dtype=np.int64))
-    with pytest.raises(SpecError, match="every label is 0"):
-        dataset_geometry(FileData(kind="npz", path="zeros.npz"), tmp_path)
-    np.savez(tmp_path / "two.npz", x=np.ones((2, 4)), y=np.arange(2))
-    with pytest.raises(SpecError, match="too few to split"):
-        dataset_geometry(FileData(kind="npz", path="two.npz"), tmp_path)
+        assert dataset_geometry(dataset, tmp_path) == _loaded(dataset, tmp_path)
+
+
+# ------------------------------------------- file data sets, checked from their headers
+def _loaded(spec: Any, data_dir: Path) -> tuple[tuple[int, ...], int, int]:
+    data = load_dataset(spec, data_dir)
+    return data.input_shape, data.classes, len(data.train_y) + len(data.val_y) + len(data.test_y)
+
+
+def _outcome(check: Callable[[], object]) -> object:
+    try:
+        return check()
+    except SpecError as err:  # numpy's parse errors name an object's address
+        return err.location, re.sub(r" at 0x[0-9a-f]+", "", err.message)
+
+
+def _npy_member(header: bytes, body: bytes = b"") -> bytes:
+    return np.lib.format.MAGIC_PREFIX + b"\x01\x00" + struct.pack("<H", len(header)) + header + body
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def _npz(**arrays: Any) -> Callable[[Path], object]:
+    return lambda d: np.savez(d / "d.npz", **arrays)
+
+
+def _text(name: str, text: str) -> Callable[[Path], object]:
+    return lambda d: (d / name).write_text(text)
+
+
+def _mnist(images: np.ndarray, labels: np.ndarray, gz: bool = False) -> Callable[[Path], object]:
+    return lambda d: write_mnist(d / "m", images, labels, gz)
+
+
+def _idx(name: str, body: bytes | None) -> Callable[[Path], object]:
+    """MNIST files with `name` replaced by `body`, or removed."""
+
+    def write(d: Path) -> None:
+        gz = name.endswith(".gz")
+        write_mnist(d / "m", np.zeros((10, 4, 4), np.uint8), np.arange(10) % 2, gz=gz)
+        if body is None:
+            (d / "m" / name).unlink()
+        else:
+            (d / "m" / name).write_bytes(body)
+
+    return write
+
+
+def _cifar(*batches: tuple[np.ndarray, list[int]] | bytes) -> Callable[[Path], object]:
+    def write(d: Path) -> None:
+        (d / "c").mkdir()
+        for i, batch in enumerate(batches, 1):
+            if isinstance(batch, bytes):
+                (d / "c" / f"data_batch_{i}").write_bytes(batch)
+            else:
+                write_cifar_batch(d / "c" / f"data_batch_{i}", *batch)
+
+    return write
+
+
+_X = np.arange(40.0).reshape(20, 2)
+_LINES = "a,b,label\n" + "".join(f"{i},{i * i % 7},{i % 3}\n" for i in range(6000))
+_IMAGES = np.random.default_rng(1).integers(0, 256, (12, 5, 5), dtype=np.uint8)
+_BATCH = np.random.default_rng(2).integers(0, 256, (6, 3072), dtype=np.uint8)
+_HEADER = b"{'descr': '<f8', 'fortran_order': False, 'shape': (20, 2), }"
+NPZ = {"kind": "npz", "path": "d.npz"}
+CSV = {"kind": "csv", "path": "t.csv"}
+MNIST = {"kind": "mnist", "path": "m"}
+CIFAR = {"kind": "cifar10", "path": "c"}
+FILE_CASES: dict[str, tuple[Callable[[Path], object], dict[str, Any]]] = {
+    "npz_features": (_npz(x=_X, y=np.arange(20) % 3), NPZ),
+    "npz_gray_limit": (_npz(x=np.zeros((30, 6, 5)), y=np.arange(30.0) % 4), {**NPZ, "limit": 9}),
+    "npz_colour": (_npz(x=np.zeros((20, 3, 4, 4), np.uint8), y=np.arange(20) % 2), NPZ),
+    "npz_missing_file": (lambda d: None, NPZ),
+    "npz_not_a_zip": (_text("d.npz", "not a zip"), NPZ),
+    "npz_single_npy": (lambda d: np.save(d / "d.npz", _X), NPZ),
+    "npz_no_y": (_npz(x=_X, labels=np.zeros(20)), NPZ),
+    "npz_corrupt_header": (
+        lambda d: _zip(d / "d.npz", {"x.npy": _npy_member(b"{'descr': nonsense}\n"), "y.npy": b""}),
+        NPZ,
+    ),
+    "npz_bad_magic": (
+        lambda d: _zip(d / "d.npz", {"x.npy": b"\x93NUMPX" + bytes(20), "y.npy": b""}),
+        NPZ,
+    ),
+    "npz_truncated_x": (
+        lambda d: _zip(d / "d.npz", {"x.npy": _npy_member(_HEADER.ljust(117) + b"\n", bytes(8))}),
+        NPZ,
+    ),
+    "npz_object_x": (_npz(x=np.array([{"a": 1}] * 4, dtype=object), y=np.zeros(4)), NPZ),
+    "npz_object_y": (_npz(x=np.zeros((4, 2)), y=np.array([None] * 4, dtype=object)), NPZ),
+    "npz_x_1d": (_npz(x=np.zeros(5), y=np.zeros(5, int)), NPZ),
+    "npz_x_complex": (_npz(x=np.array([[1 + 2j]] * 3), y=np.zeros(3, int)), NPZ),
+    "npz_x_strings": (_npz(x=np.array([["a"]] * 3), y=np.zeros(3, int)), NPZ),
+    "npz_fewer_labels": (_npz(x=_X, y=np.zeros(19, int)), NPZ),
+    "npz_more_labels": (_npz(x=_X, y=np.arange(21) % 2), NPZ),
+    "npz_no_samples": (_npz(x=np.zeros((0, 2)), y=np.zeros(0, int)), NPZ),
+    "npz_labels_2d": (_npz(x=_X, y=np.zeros((20, 1), int)), NPZ),
+    "npz_labels_fraction": (_npz(x=_X, y=np.full(20, 0.5)), NPZ),
+    "npz_labels_negative": (_npz(x=_X, y=np.arange(20) - 3), NPZ),
+    "npz_labels_strings": (_npz(x=_X, y=np.array(["a"] * 20)), NPZ),
+    "npz_one_class": (_npz(x=_X, y=np.zeros(20, int)), NPZ),
+    "npz_one_class_in_limit": (_npz(x=_X, y=np.arange(20) // 10), {**NPZ, "limit": 10}),
+    "npz_too_few": (_npz(x=_X[:2], y=np.arange(2)), NPZ),
+    "csv_header": (_text("t.csv", _LINES), CSV),
+    "csv_label_first_limit": (_text("t.csv", _LINES), {**CSV, "label_column": 0, "limit": 15}),
+    "csv_plain": (_text("t.csv", "".join(f"1,{i},{i % 2}.0\n" for i in range(12))), CSV),
+    "csv_missing_file": (lambda d: None, CSV),
+    "csv_not_numeric": (_text("t.csv", "x,y\n1,0\n2,oops\n"), CSV),
+    "csv_not_numeric_late": (_text("t.csv", _LINES + "2,oops,1\n"), CSV),
+    "csv_columns_change": (_text("t.csv", "1,0,1\n2,1\n"), CSV),
+    "csv_columns_change_late": (_text("t.csv", _LINES + "2,1\n"), CSV),
+    "csv_no_column": (_text("t.csv", "1,0\n2,1\n"), {**CSV, "label_column": 2}),
+    "csv_fraction": (_text("t.csv", "1,0\n2,1.5\n3,1\n"), CSV),
+    "csv_negative_late": (_text("t.csv", _LINES + "1,1,-2\n"), CSV),
+    "csv_no_rows": (_text("t.csv", "a,b\n"), CSV),
+    "csv_one_column": (_text("t.csv", "0\n1\n"), CSV),
+    "csv_nan": (_text("t.csv", "1,0\nnan,1\n3,1\n"), CSV),
+    "csv_one_class": (_text("t.csv", "1,0\n2,0\n3,0\n"), CSV),
+    "mnist": (_mnist(_IMAGES, np.arange(12) % 10), MNIST),
+    "mnist_gz_limit": (_mnist(_IMAGES, np.arange(12) % 10, gz=True), {**MNIST, "limit": 7}),
+    "mnist_truncated": (
+        _idx("train-images-idx3-ubyte", struct.pack(">IIII", 2051, 10, 4, 4)),
+        MNIST,
+    ),
+    "mnist_bad_magic": (_idx("train-images-idx3-ubyte", struct.pack(">I", 2049)), MNIST),
+    "mnist_no_header": (_idx("train-labels-idx1-ubyte", b"\x00\x00"), MNIST),
+    "mnist_extra_bytes": (
+        _idx("train-images-idx3-ubyte", struct.pack(">IIII", 2051, 10, 4, 4) + bytes(161)),
+        MNIST,
+    ),
+    "mnist_fewer_labels": (
+        _idx("train-labels-idx1-ubyte", struct.pack(">II", 2049, 9) + bytes(9)),
+        MNIST,
+    ),
+    "mnist_corrupt_gzip": (_idx("train-images-idx3-ubyte.gz", b"\x1f\x8b" + bytes(30)), MNIST),
+    "mnist_missing_labels": (_idx("train-labels-idx1-ubyte", None), MNIST),
+    "mnist_one_class": (_mnist(_IMAGES, np.zeros(12)), MNIST),
+    "cifar": (_cifar((_BATCH, [i % 10 for i in range(6)]), (_BATCH, [1] * 6)), CIFAR),
+    "cifar_limit": (_cifar((_BATCH, [0, 1, 0, 0, 0, 0]), (_BATCH, [5] * 6)), {**CIFAR, "limit": 5}),
+    "cifar_missing": (lambda d: (d / "c").mkdir(), CIFAR),
+    "cifar_not_a_dict": (_cifar(pickle.dumps([1, 2, 3])), CIFAR),
+    "cifar_garbage": (_cifar(b"\x80\x02garbage"), CIFAR),
+    "cifar_short_rows": (_cifar((_BATCH[:, :100], [0, 1] * 3)), CIFAR),
+    "cifar_fewer_labels": (_cifar((_BATCH, [0, 1] * 2)), CIFAR),
+    "cifar_one_class": (_cifar((_BATCH, [0] * 6)), CIFAR),
+}
+
+
+@pytest.mark.parametrize("case", list(FILE_CASES))
+def test_file_geometry_agrees_with_loading(case: str, tmp_path: Path) -> None:
+    """The same geometry, or the same SpecError (location and message), as loading the set."""
+    write, spec = FILE_CASES[case]
+    write(tmp_path)
+    dataset = FileData.model_validate(spec)
+    loaded = _outcome(lambda: _loaded(dataset, tmp_path))
+    assert _outcome(lambda: dataset_geometry(dataset, tmp_path)) == loaded
+    refused = isinstance(loaded, tuple) and isinstance(loaded[0], list)
+    assert refused != (case in GOOD_CASES), loaded
+
+
+GOOD_CASES = {
+    "npz_features",
+    "npz_gray_limit",
+    "npz_colour",
+    "csv_header",
+    "csv_label_first_limit",
+    "csv_plain",
+    "mnist",
+    "mnist_gz_limit",
+    "cifar",
+    "cifar_limit",
+}
+
+
+def test_nan_features_of_an_npz_show_when_the_job_loads_them(tmp_path: Path) -> None:
+    """The one check the headers cannot make: it needs every feature value."""
+    np.savez(tmp_path / "d.npz", x=np.array([[0.0], [np.nan], [1.0]]), y=np.arange(3) % 2)
+    spec = FileData(kind="npz", path="d.npz")
+    assert dataset_geometry(spec, tmp_path) == ((1,), 2, 3)
+    with pytest.raises(SpecError, match="NaN"):
+        load_dataset(spec, tmp_path)
+
+
+def _peak_bytes(check: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        check()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_file_data_sets_are_checked_without_holding_their_features(tmp_path: Path) -> None:
+    """64 MB of npz features and a 3 MB CSV table (8 MB as float64): the check's peak
+    allocation stays at a few blocks."""
+    samples, features = 1 << 18, 64
+    with zipfile.ZipFile(tmp_path / "big.npz", "w") as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            header = {"descr": "<f4", "fortran_order": False, "shape": (samples, features)}
+            np.lib.format.write_array_header_1_0(member, header)
+            block = bytes(1 << 20)
+            for _ in range(samples * features * 4 // len(block)):
+                member.write(block)
+        with archive.open("y.npy", "w") as member:
+            np.lib.format.write_array(member, (np.arange(samples) % 7).astype(np.uint8))
+    spec = FileData(kind="npz", path="big.npz")
+    geometry: list[object] = []
+    peak = _peak_bytes(lambda: geometry.append(dataset_geometry(spec, tmp_path)))
+    assert geometry == [((features,), 7, samples)]
+    assert peak < 4 << 20, f"checking 64 MB of features allocated {peak >> 20} MiB"
+
+    rows = 100_000
+    table = "".join(f"{i % 10},{i % 3},{i % 5},{i % 4}\n" for i in range(rows))
+    (tmp_path / "big.csv").write_text(table)
+    csv_spec = FileData(kind="csv", path="big.csv")
+    peak = _peak_bytes(lambda: geometry.append(dataset_geometry(csv_spec, tmp_path)))
+    assert geometry[1] == ((3,), 4, rows)
+    assert peak < 2 << 20, f"checking {rows * 4 * 8 >> 20} MiB of CSV allocated {peak >> 20} MiB"

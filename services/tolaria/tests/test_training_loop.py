@@ -1,6 +1,7 @@
 """The job's step loop in this process: a JobTrainer on a real JobRuntime and a real Redis, with
 no job process around it. What an epoch reports, and how the loop reacts to what happens between
-two steps: a stop, a decision, a seed that is loaded, ramps and retires."""
+two steps: a stop, an operator's decision (held for the next decision point), a seed that is
+loaded, ramps and retires."""
 
 from __future__ import annotations
 
@@ -13,8 +14,15 @@ import torch
 from torch import nn
 
 import esper
-from esper.bus import BusSettings
-from esper.contracts import ControlDecision, DecisionTaken, Envelope, JobSpec
+from esper.bus import FIELD, BusSettings
+from esper.contracts import (
+    ControlDecision,
+    DecisionTaken,
+    Envelope,
+    JobSpec,
+    Message,
+    TelemetryReport,
+)
 from esper.kasmina import SeedState
 from esper.kernels import KernelCache
 from tolaria.runtime import JobRuntime
@@ -73,6 +81,27 @@ def wait_for_wakeup(runtime: JobRuntime, timeout: float = 10) -> None:
         time.sleep(0.01)
 
 
+def held(runtime: JobRuntime) -> list[ControlDecision]:
+    return runtime.call(runtime.store.held_decisions(JOB))
+
+
+def epoch_report(runtime: JobRuntime, epoch: int) -> TelemetryReport:
+    """The epoch's report, from the job's own event stream."""
+    runtime.flush()
+
+    async def read() -> list[Message]:
+        entries = await runtime.redis.xrange(runtime.store.events_key(JOB))
+        return [Envelope.decode((fields or {})[FIELD]).message() for _, fields in entries or []]
+
+    reports = runtime.call(read())
+    [report] = [
+        r
+        for r in reports
+        if isinstance(r, TelemetryReport) and r.kind == "epoch" and r.epoch == epoch
+    ]
+    return report
+
+
 def test_an_epoch_reports_the_mean_of_its_batch_losses(runtime: JobRuntime) -> None:
     trainer = trainer_for(runtime)
     trainer.loss_fn = RecordingLoss()
@@ -95,38 +124,50 @@ def test_a_stop_request_stops_the_epoch_before_its_next_step(runtime: JobRuntime
     assert trainer.progress.step == steps  # not one step more
 
 
-def test_a_decision_is_answered_between_two_steps_and_training_goes_on(
+def test_an_operators_decision_waits_in_the_inbox_for_the_next_decision_point(
     runtime: JobRuntime,
 ) -> None:
-    """This runtime has no Urza, so the germination is refused with the reason; what matters
-    here is that the loop saw it within the epoch, answered it and kept training."""
+    """Operators' decisions do not wake the step loop: held in the job's inbox, they wait for
+    the epoch's decision point. This runtime has no Urza, so the germination is refused with
+    the reason; what matters here is where it was answered, and that it left the inbox."""
     trainer = trainer_for(runtime)
-    runtime.call(
-        runtime.producer.publish(
-            Envelope.wrap(
-                ControlDecision(
-                    decision_id="d-loop-1",
-                    job_id=JOB,
-                    action="germinate",
-                    layer="2",
-                    blueprint="residual_mlp",
-                    reason="test",
-                ),
-                source="test",
-            )
-        )
+    points = trainer.points
+    assert points is not None
+    decision = ControlDecision(
+        decision_id="d-loop-1",
+        job_id=JOB,
+        action="germinate",
+        layer="2",
+        blueprint="residual_mlp",
+        reason="test",
     )
-    wait_for_wakeup(runtime)
-    pending = runtime.decisions.get()
-    runtime.decisions.put(pending)  # peeked: the loop takes it from here
-    trainer.train_epoch(0)
-    outcome = pending.done.result(timeout=10)
+    runtime.call(runtime.producer.publish(Envelope.wrap(decision, source="test")))
+    deadline = time.monotonic() + 10
+    while not held(runtime):
+        assert time.monotonic() < deadline, "the decision never reached the job's inbox"
+        time.sleep(0.01)
+    assert held(runtime) == [decision]
+
+    loss, samples_per_s = trainer.train_epoch(0)
+    assert not runtime.wakeups
+    assert not points.unreported and not runtime.decisions.empty()  # not executed mid-epoch
+    assert held(runtime) == [decision]
+
+    trainer.end_epoch(0, loss, samples_per_s)
+    [outcome] = points.unreported
     assert isinstance(outcome, DecisionTaken)
     assert (outcome.decision_id, outcome.outcome) == ("d-loop-1", "refused")
     assert "no Urza is configured" in outcome.reason
     assert outcome.code == "kernel_unavailable"
+    assert runtime.decisions.empty()
+    assert held(runtime) == []
     assert trainer.progress.step == -(-len(trainer.data.train_y) // 32)
-    assert not runtime.wakeups
+
+    loss, samples_per_s = trainer.train_epoch(1)
+    trainer.end_epoch(1, loss, samples_per_s)
+    assert epoch_report(runtime, 1).answers == [outcome]
+    assert epoch_report(runtime, 0).answers == []
+    assert not points.unreported
 
 
 def test_a_loaded_seed_ramps_each_step_and_a_finished_retirement_leaves_the_optimizer(

@@ -18,7 +18,9 @@ import logging
 
 from esper.bus import BusSettings, Consumer, Delivery, Handler
 from esper.contracts import (
+    ControlAnswer,
     ControlDecision,
+    DecisionPointMissed,
     DecisionTaken,
     Heartbeat,
     JobQueued,
@@ -47,6 +49,10 @@ def _apply(state: NissaState, message: Message, sent: float) -> None:
         state.on_decision(message, sent)
     elif isinstance(message, DecisionTaken):
         state.on_decision_taken(message, sent)
+    elif isinstance(message, ControlAnswer):
+        state.on_answer(message, sent)
+    elif isinstance(message, DecisionPointMissed):
+        state.on_point_missed(message, sent)
     elif isinstance(message, JobStatusChanged):
         state.on_job_status(message, sent)
     elif isinstance(message, JobQueued):

@@ -15,10 +15,12 @@ from typing import Any
 from esper.contracts import RUNNING_SEED_STATES, TERMINAL_JOB_STATUSES, Outcome
 from nissa.reports import (
     ContributionPoint,
+    DecisionPointsReport,
     DecisionReport,
     EpochPoint,
     JobReport,
     JobSummary,
+    MissedPoint,
     ReportStatus,
     SeedReport,
     StepPoint,
@@ -112,6 +114,10 @@ class Job:
     """(epoch, step, ts) of the latest step report: the start of the next step-time interval."""
     seeds: dict[tuple[str, int], Seed] = field(default_factory=dict)
     decisions: OrderedDict[str, Decision] = field(default_factory=OrderedDict)
+    points_answered: int = 0
+    points_missed: dict[str, int] = field(default_factory=dict)
+    """Missed decision points by reason: every one, including those `missed` left out."""
+    missed: list[MissedPoint] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
     dirty: bool = True
     """Changed since its report was last written."""
@@ -148,6 +154,14 @@ class Job:
             self.steps.insert(at, point)
         self.drop("steps", thin(self.steps, cap))
 
+    def add_missed(self, point: MissedPoint, cap: int) -> None:
+        """Count a missed decision point and keep it (the newest `cap` of them)."""
+        self.points_missed[point.reason] = self.points_missed.get(point.reason, 0) + 1
+        self.missed.append(point)
+        if len(self.missed) > cap:
+            self.drop("missed_points", len(self.missed) - cap)
+            del self.missed[: len(self.missed) - cap]
+
     def summary(self) -> JobSummary:
         return JobSummary(
             job_id=self.job_id,
@@ -178,6 +192,11 @@ class Job:
             epochs=list(self.epochs),
             steps=list(self.steps),
             decisions=[_decision_report(d) for d in self.decisions.values()],
+            decision_points=DecisionPointsReport(
+                answered=self.points_answered,
+                missed=dict(self.points_missed),
+                missed_points=list(self.missed),
+            ),
             seeds=[_seed_report(s, kernels) for s in sorted(self.seeds.values(), key=_slot)],
             dropped=dict(self.dropped),
         )
@@ -204,6 +223,9 @@ class Job:
             val_loss=report.val_loss,
             val_accuracy=report.val_accuracy,
             samples_per_s=report.samples_per_s,
+            points_answered=report.decision_points.answered,
+            points_missed=dict(report.decision_points.missed),
+            missed=list(report.decision_points.missed_points),
             dropped=dict(report.dropped),
             dirty=False,
         )

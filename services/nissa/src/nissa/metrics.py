@@ -15,15 +15,22 @@ and alerts find their names. The README's table lists every metric, its labels a
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import get_args
 
-from esper.contracts import JOB_STATUSES, SEED_STATE_NAMES, TERMINAL_JOB_STATUSES
+from esper.contracts import (
+    JOB_STATUSES,
+    SEED_STATE_NAMES,
+    TERMINAL_JOB_STATUSES,
+    DecisionPointMissed,
+)
 from nissa.histogram import WeightedHistogram
 from nissa.jobs import Job, parameters_added
-from nissa.state import NissaState
+from nissa.state import ANSWERS, NissaState
 
 REPORT_STATUSES = (*JOB_STATUSES, "UNKNOWN")
 ENDINGS = tuple(s for s in JOB_STATUSES if s in TERMINAL_JOB_STATUSES)  # ordered: exposition
 COUNTED_SEED_STATES = SEED_STATE_NAMES[1:]  # a job's DORMANT slots are not all known: not counted
+MISSED_REASONS: tuple[str, ...] = get_args(DecisionPointMissed.model_fields["reason"].annotation)
 
 #: Per-job families, in exposition order: name → (type, help).
 JOB_FAMILIES: dict[str, tuple[str, str]] = {
@@ -62,6 +69,15 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "refusal's code (empty when applied)",
         ("action", "outcome", "code"),
     ),
+    "esper_decision_points_answered": (
+        "Decision points the controller answered (control.answer), by answer: decisions, or "
+        "nothing",
+        ("answer",),
+    ),
+    "esper_decision_points_missed": (
+        "Decision points a job went past without an answer, by reason (timeout, no_controller)",
+        ("reason",),
+    ),
     "esper_seed_transitions": (
         "Seed lifecycle transitions, by from and to state",
         ("from_state", "to_state"),
@@ -99,6 +115,14 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "job's report when more than max_jobs wait to be written",
         ("what",),
     ),
+}
+
+#: Counters whose label values are a known closed set: each series is exposed from 0, so that
+#: increase() works from the first event and dashboards find the series before it.
+KNOWN_SERIES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "esper_jobs_finished": tuple((s,) for s in ENDINGS),
+    "esper_decision_points_answered": tuple((a,) for a in ANSWERS),
+    "esper_decision_points_missed": tuple((r,) for r in MISSED_REASONS),
 }
 
 
@@ -234,9 +258,9 @@ class Exposition:
         for name, (doc, label_names) in COUNTERS.items():
             parts.append(_header(f"{name}_total", "counter", doc))  # as prometheus_client does
             series = dict(state.counters.get(name, {}))
-            if name == "esper_jobs_finished":
-                for ending in ENDINGS:  # 0 until the first one: increase() works from the start
-                    series.setdefault((ending,), 0.0)
+            if name in KNOWN_SERIES:
+                for values in KNOWN_SERIES[name]:
+                    series.setdefault(values, 0.0)
             elif not label_names:
                 series.setdefault((), 0.0)
             for values, value in series.items():

@@ -95,6 +95,28 @@ class DecisionReport(_Model):
     latency_s: float | None = None
 
 
+class MissedPoint(_Model):
+    """A decision point the job went past without the controller's answer
+    (`event.decision_point_missed`): it applied no decision there."""
+
+    kind: Literal["epoch", "step"]
+    epoch: int = Field(ge=0)
+    step: int = Field(ge=0)
+    reason: str = Field(description="timeout, or no_controller (none was alive to ask)")
+    waited_s: float = Field(ge=0)
+    ts: float = Field(description="when the job said so")
+
+
+class DecisionPointsReport(_Model):
+    """How the job's decision points went: answered by the controller, or missed."""
+
+    answered: int = Field(default=0, ge=0, description="control.answer messages to the job")
+    missed: dict[str, int] = Field(default_factory=dict, description="missed points by reason")
+    missed_points: list[MissedPoint] = Field(
+        default_factory=list, description="the latest missed points, oldest first (bounded)"
+    )
+
+
 class JobReport(_Model):
     job_id: Identifier
     status: ReportStatus
@@ -115,6 +137,7 @@ class JobReport(_Model):
     epochs: list[EpochPoint] = Field(default_factory=list)
     steps: list[StepPoint] = Field(default_factory=list)
     decisions: list[DecisionReport] = Field(default_factory=list)
+    decision_points: DecisionPointsReport = Field(default_factory=DecisionPointsReport)
     seeds: list[SeedReport] = Field(default_factory=list)
     dropped: dict[str, int] = Field(
         default_factory=dict, description="entries left out to stay bounded, by kind"

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 
 from esper.contracts import (
     TERMINAL_JOB_STATUSES,
+    ControlAnswer,
     ControlDecision,
+    DecisionPointMissed,
     DecisionTaken,
     Heartbeat,
     JobQueued,
@@ -33,7 +35,14 @@ from esper.contracts import (
 from nissa.histogram import WeightedHistogram
 from nissa.jobs import Decision, Job, Seed, thin
 from nissa.labels import Budget
-from nissa.reports import ContributionPoint, EpochPoint, JobReport, StepPoint, TransitionRecord
+from nissa.reports import (
+    ContributionPoint,
+    EpochPoint,
+    JobReport,
+    MissedPoint,
+    StepPoint,
+    TransitionRecord,
+)
 from nissa.services import ServiceHealth
 from nissa.settings import NissaSettings
 
@@ -46,6 +55,8 @@ are jobs, not services: they never count in `esper_service_up`."""
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 CACHE_KINDS = ("hits", "misses")
+ANSWERS = ("decisions", "nothing")
+"""The `answer` label of a control.answer: it carried decisions, or said there were none."""
 
 
 @dataclass
@@ -226,6 +237,10 @@ class NissaState:
                 job.val_accuracy = report.val_accuracy
                 job.samples_per_s = report.samples_per_s
         self._seeds_from_report(job, report, ts)
+        for taken in report.answers:
+            # The report is sent at the decision point after the job executed these, so its
+            # time is not theirs: the outcome is folded (once per decision), the time is not.
+            self._outcome(taken, ts)
 
     def _step_time(self, job: Job, report: TelemetryReport, sent: float) -> None:
         """Mean step time between two step reports of one epoch: Δts / Δsteps, weighted by Δsteps.
@@ -340,18 +355,52 @@ class NissaState:
 
     def on_decision_taken(self, taken: DecisionTaken, sent: float) -> None:
         ts = self.at(sent)
+        record = self._outcome(taken, ts)
+        if record.taken_at is None:
+            record.taken_at = ts
+            self._latency(record)
+
+    def _outcome(self, taken: DecisionTaken, ts: float) -> Decision:
+        """Fold a decision's answer, from its event or from a report's `answers`: counted once
+        per decision, whichever copy comes first."""
         job = self.job(taken.job_id, ts)
         record = self._decision(job, taken.decision_id, taken.action, taken.layer)
-        if record.taken_at is not None:
-            return
-        record.taken_at = ts
+        if record.outcome is not None:
+            return record
         record.outcome = taken.outcome
         record.outcome_reason = taken.reason[:300]
         if taken.seed is not None:
             record.seed = taken.seed
         # The code is a closed set (esper.contracts.REFUSAL_CODES): a bounded label as it is.
         self.count("esper_decision_outcomes", (taken.action, taken.outcome, taken.code or ""))
-        self._latency(record)
+        return record
+
+    def on_answer(self, answer: ControlAnswer, sent: float) -> None:
+        """The controller's answer to a decision point. A controller's decisions travel in its
+        answer, not as `control.decision` messages of their own, so each is folded as one (by
+        decision id: a decision also published on its own is counted once)."""
+        ts = self.at(sent)
+        self.count(
+            "esper_decision_points_answered", (ANSWERS[0] if answer.decisions else ANSWERS[1],)
+        )
+        job = self.job(answer.job_id, ts)
+        job.points_answered += 1
+        for decision in answer.decisions:
+            self.on_decision(decision, sent)
+
+    def on_point_missed(self, event: DecisionPointMissed, sent: float) -> None:
+        ts = self.at(sent)
+        self.count("esper_decision_points_missed", (event.reason,))
+        job = self.job(event.job_id, ts)
+        point = MissedPoint(
+            kind=event.kind,
+            epoch=event.epoch,
+            step=event.step,
+            reason=event.reason,
+            waited_s=event.waited_s,
+            ts=ts,
+        )
+        job.add_missed(point, self.settings.max_decisions_per_job)
 
     def _decision(self, job: Job, decision_id: str, action: str, layer: str) -> Decision:
         record = job.decisions.get(decision_id)

@@ -7,6 +7,12 @@ derived from the job and the id of the message that triggered it, so running the
 again (after a compare-and-set conflict, say) yields the same decision, never a second one; and
 since the state written with it says the message was handled, a redelivered message decides
 nothing. Operators' decisions (`POST /jobs/{id}/decisions`) go through the same path.
+
+A decision-point report (`decision_point`: the job waits) gets exactly one `control.answer`,
+decisions or none, published in the same transaction; its decisions travel only in it, never
+also as `control.decision`. Their ids and `trigger` come from the point (`point:kind:epoch:step`),
+which is the same in every run of the job, not from the envelope. A point asked again (a job
+resumed from a checkpoint, a redelivery) gets the answer kept for it, and is not read again.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from esper.contracts import (
     clip,
 )
 from esper.contracts.jobs import HostKind
-from tamiyo import tracking
+from tamiyo import answers, tracking
 from tamiyo.catalogue import Catalogue
 from tamiyo.checks import check_manual
 from tamiyo.choice import BlueprintInfo
@@ -74,9 +80,16 @@ class Metrics:
             ["type", "result"],
             registry=registry,
         )
+        self.answers = Counter(
+            "esper_tamiyo_answers",
+            "Answers to decision points, by result (decided, nothing, repeated, forgotten)",
+            ["result"],
+            registry=registry,
+        )
         self.latency = Histogram(
             "esper_tamiyo_decision_latency_seconds",
-            "From the triggering telemetry's publish (envelope ts) to the decision's XADD",
+            "From the triggering telemetry's publish (envelope ts) to the XADD of the decision "
+            "(or of the answer, for a decision point)",
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
         )
@@ -123,6 +136,11 @@ class Controller:
     async def _on_report(self, delivery: Delivery) -> None:
         report = delivery.message
         assert isinstance(report, TelemetryReport)
+        for taken in report.answers:
+            await self.store.record_outcome(taken)  # once: its event later changes nothing
+        if report.decision_point:
+            await self._on_point(delivery, report)
+            return
         kinds = await self._kernel_kinds(report)
         catalogue, source = await self.catalogue.entries()
         trigger = delivery.envelope.id
@@ -130,8 +148,9 @@ class Controller:
 
         def mutate(stored: JobState | None, config: PolicyConfig) -> Change | None:
             state = stored if stored is not None else tracking.new_state(report.job_id)
+            answered = tracking.ingest_answers(state, report.answers, config)
             if not tracking.ingest_report(state, report, config, kinds):
-                return None
+                return Change(state) if answered else None
             proposals: list[Proposal] = []
             if report.kind == "epoch" and age > self.max_report_age_s:
                 # A backlog (Tamiyo was down, or a new group reads old history): the job has
@@ -144,6 +163,68 @@ class Controller:
 
         change = await self.store.transact(report.job_id, mutate)
         self._count(report, change, delivery.envelope.ts)
+
+    async def _on_point(self, delivery: Delivery, report: TelemetryReport) -> None:
+        """Answer a decision point: the answer kept for it, or the policy's decisions now."""
+        kinds = await self._kernel_kinds(report)
+        catalogue, source = await self.catalogue.entries()
+        age = time.time() - delivery.envelope.ts
+        result: list[answers.Result] = []
+
+        def mutate(stored: JobState | None, config: PolicyConfig) -> Change:
+            state = stored if stored is not None else tracking.new_state(report.job_id)
+            result.clear()  # runs again after a compare-and-set conflict
+            kept = state.answers.get(report.point)
+            change = Change(state)
+            outcome: answers.Result
+            if kept is not None:
+                answer, outcome = kept, "repeated"
+            elif not tracking.is_new(state, report):
+                answer, outcome = answers.forgotten(state, report), "forgotten"
+            else:
+                context = Context(config, catalogue, source)
+                change = self._decide_point(state, report, config, context, kinds)
+                answer = answers.build(report, [r.decision for r in change.records], state.note)
+                answer = answers.with_age(answer, age, self.max_report_age_s)
+                tracking.keep_answer(state, answer)
+                outcome = "decided" if answer.decisions else "nothing"
+            envelope = Envelope.wrap(answer, source=SOURCE, correlation_id=delivery.envelope.id)
+            change.envelopes.append(envelope)
+            result.append(outcome)
+            return change
+
+        change = await self.store.transact(report.job_id, mutate)
+        self.metrics.answers.labels(result[0]).inc()
+        self._count(report, change, delivery.envelope.ts)
+
+    def _decide_point(
+        self,
+        state: JobState,
+        report: TelemetryReport,
+        config: PolicyConfig,
+        context: Context,
+        kinds: dict[str, HostKind],
+    ) -> Change:
+        """The job's answers, then its report, then the policy (at an epoch's point: a step's has
+        no validation metrics to decide from); the decisions are recorded, not published."""
+        tracking.ingest_answers(state, report.answers, config)
+        applied = tracking.ingest_report(state, report, config, kinds)
+        assert applied, "is_new said the report comes after every one handled"
+        state.note = ""
+        proposals: list[Proposal] = []
+        if report.kind == "epoch":
+            proposals = self.policy.on_report(state, report, context)
+        else:
+            state.note = (
+                "step point: Tamiyo decides at an epoch's point, from the validation metrics "
+                "measured there"
+            )
+        why = state.note or "the policy proposed nothing"
+        trigger = f"point:{report.point}"
+        proposals = proposals[: answers.MAX_DECISIONS]
+        change = self._change(state, proposals, trigger, config, publish=False)
+        state.note = answers.note(change.records, why)
+        return change
 
     async def _kernel_kinds(self, report: TelemetryReport) -> dict[str, HostKind]:
         """Host kinds of the report's kernels (telemetry does not say a layer's kind; Urza knows
@@ -173,7 +254,9 @@ class Controller:
                 stored = tracking.new_state(event.job_id)
             if not tracking.ingest_event(stored, event, config):
                 return None
-            proposals = self.policy.on_event(stored, event, Context(config, catalogue, source))
+            proposals: list[Proposal] = []
+            if not stored.points:  # a job that asks at points takes decisions only in answers
+                proposals = self.policy.on_event(stored, event, Context(config, catalogue, source))
             return self._change(stored, proposals, trigger, config)
 
         change = await self.store.transact(event.job_id, mutate)
@@ -181,14 +264,20 @@ class Controller:
 
     # -------------------------------------------------------------- decisions
     def _change(
-        self, state: JobState, proposals: Sequence[Proposal], trigger: str, config: PolicyConfig
+        self,
+        state: JobState,
+        proposals: Sequence[Proposal],
+        trigger: str,
+        config: PolicyConfig,
+        *,
+        publish: bool = True,
     ) -> Change:
         change = Change(state)
         for index, proposal in enumerate(proposals):
             decision = build_decision(
                 state.job_id, derive_decision_id(state.job_id, trigger, index), proposal, trigger
             )
-            self._add(change, decision, "tamiyo", config, trigger)
+            self._add(change, decision, "tamiyo", config, trigger, publish=publish)
         return change
 
     def _add(
@@ -198,7 +287,11 @@ class Controller:
         origin: Origin,
         config: PolicyConfig,
         trigger: str | None,
+        *,
+        publish: bool = True,
     ) -> DecisionRecord:
+        """Register and record `decision`; XADD it as a control.decision unless it travels in a
+        point's answer (`publish` False: the job would see it twice)."""
         state = change.state
         tracking.register_decision(state, decision, origin, config)
         source: Literal["tamiyo", "operator"] = "operator" if origin == "operator" else "tamiyo"
@@ -209,9 +302,11 @@ class Controller:
             trigger=trigger,
             epoch=state.last_epoch,
         )
-        change.envelopes.append(
-            Envelope.wrap(decision, source=SOURCE, correlation_id=trigger or decision.decision_id)
-        )
+        if publish:
+            envelope = Envelope.wrap(
+                decision, source=SOURCE, correlation_id=trigger or decision.decision_id
+            )
+            change.envelopes.append(envelope)
         change.records.append(record)
         seed = "any free seed" if decision.seed is None else f"seed {decision.seed}"
         state.note = f"{source} decided {decision.action} ({seed} of layer {decision.layer!r})"
@@ -221,17 +316,17 @@ class Controller:
         self.metrics.messages.labels(message.TYPE, "ignored" if change is None else "applied").inc()
         if change is None:
             return
-        for envelope in change.envelopes:
-            action = envelope.payload["action"]
-            self.metrics.decisions.labels(action, "tamiyo").inc()
+        for _ in change.envelopes:
             self.metrics.latency.observe(max(0.0, time.time() - sent_at))
-            job_id, decision_id = change.state.job_id, envelope.payload["decision_id"]
+        for record in change.records:
+            decision = record.decision
+            self.metrics.decisions.labels(decision.action, "tamiyo").inc()
             log.info(
                 "job %s: %s %s",
-                job_id,
-                action,
-                envelope.payload["reason"],
-                extra={"job_id": job_id, "decision_id": decision_id},
+                decision.job_id,
+                decision.action,
+                decision.reason,
+                extra={"job_id": decision.job_id, "decision_id": decision.decision_id},
             )
 
     # ------------------------------------------------------------- operators

@@ -18,6 +18,7 @@ from esper.contracts import (
     Action,
     Blend,
     BlueprintName,
+    ControlAnswer,
     ControlDecision,
     Identifier,
     JobStatus,
@@ -173,6 +174,17 @@ class JobState(_State):
     germinations: int = 0
     decisions: list[str] = Field(default_factory=list, description="recent decision ids")
     note: str = Field(default="", description="what Tamiyo did, or why it did not act, last")
+    points: bool = Field(
+        default=False,
+        description="the job asks at decision points (its first one came): only its points "
+        "feed the policy, and Tamiyo's decisions reach it only in answers",
+    )
+    answers: dict[str, ControlAnswer] = Field(
+        default_factory=dict,
+        description="the answers to the job's last decision points (the last MAX_ANSWERS, "
+        "oldest first), by point `kind:epoch:step`: a point asked again (a job resumed from a "
+        "checkpoint, a redelivery) gets the same answer",
+    )
 
     def track(self, layer: str, seed: int) -> SeedTrack | None:
         return next((s for s in self.seeds if s.layer == layer and s.seed == seed), None)
@@ -195,7 +207,9 @@ class DecisionRecord(BaseModel):
     source: Literal["tamiyo", "operator"]
     policy: str = Field(description="the policy that made it, or 'operator'")
     trigger: str | None = Field(
-        default=None, description="envelope id of the telemetry report that triggered it"
+        default=None,
+        description="what triggered it: the envelope id of the telemetry report, or "
+        "`point:kind:epoch:step` for a decision point's (the same in every run of the job)",
     )
     epoch: int | None = Field(default=None, description="the job's last reported epoch")
     created_at: float = Field(default_factory=time.time)

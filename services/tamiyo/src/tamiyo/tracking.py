@@ -9,13 +9,28 @@ different replicas). The rules here are written so that either order gives the s
   it; a tracked seed counts as gone only when an epoch report that no longer lists it follows one
   that did, or when its transition to DORMANT arrives;
 - a transition older than the last one applied to a seed, or about another kernel, is ignored.
+
+A job that asks at decision points (`TelemetryReport.decision_point`) is read from its points
+alone, so that what the policy sees at a point depends on the job's reports only, never on when
+the other messages happened to arrive:
+
+- the job's answers to decisions travel in its next report (`answers`), applied before it, in
+  the job's order; the same DecisionTaken on the events stream, before or after, changes nothing
+  the second time (`_answer` matches a decision once);
+- a point report lists every live seed, as it is after the decisions of the previous point were
+  executed, so a tracked seed it does not list is gone; SeedTransition events, which say the
+  same thing at times that depend on the machine's load, are ignored;
+- its other reports (sampled steps, sent lossily, and the last epoch's, which asks nothing) do
+  not change the state: which of them arrive depends on load. The layer scores the reports
+  before its first point left are dropped then, for the same reason.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from esper.contracts import (
+    ControlAnswer,
     ControlDecision,
     DecisionTaken,
     JobStatusChanged,
@@ -30,6 +45,9 @@ from tamiyo.models import BlueprintRecord, JobState, LayerView, Origin, Pending,
 
 MAX_RECENT_DECISIONS = 50
 MAX_ALPHAS = 8
+MAX_ANSWERS = 16
+"""Answers to decision points kept per job: a job resumed from a checkpoint asks again the
+points since it (an epoch's point is checkpointed with the epoch), seldom more than a few."""
 ALPHA_TOLERANCE = 1e-3
 
 
@@ -44,13 +62,16 @@ def ingest_report(
     config: PolicyConfig,
     kernel_kinds: Mapping[str, HostKind],
 ) -> bool:
-    """Apply one report; False when it is a duplicate or arrived after a later one."""
-    if state.last_epoch is not None and report.epoch <= state.last_epoch:
+    """Apply one report; False when it is a duplicate, arrived after a later one, or is not a
+    point of a job that asks at points (its answers are for `ingest_answers`)."""
+    if not is_new(state, report) or (state.points and not report.decision_point):
         return False
-    if report.kind == "step" and state.last_step is not None and report.step <= state.last_step:
-        return False
+    if report.decision_point and not state.points:
+        _enter_points(state)
     _layers(state, report, config)
     _seeds(state, report, kernel_kinds)
+    if report.decision_point or report.kind == "epoch":
+        _departures(state, report)
     if report.kind == "step":
         state.last_step = report.step
         return True
@@ -58,10 +79,46 @@ def ingest_report(
     if report.epoch == 0:
         state.known = True  # a job seen from its first report has been seen start
     _plateau(state, report, config)
-    _departures(state, report)
     _ramps(state, report)
     _expire_pending(state, config)
     return True
+
+
+def is_new(state: JobState, report: TelemetryReport) -> bool:
+    """Whether `report` comes after every report handled (not a duplicate, not late)."""
+    if state.last_epoch is not None and report.epoch <= state.last_epoch:
+        return False
+    return not (
+        report.kind == "step" and state.last_step is not None and report.step <= state.last_step
+    )
+
+
+def ingest_answers(state: JobState, answers: Sequence[DecisionTaken], config: PolicyConfig) -> bool:
+    """Apply the job's answers that a report carries, in the job's order, exactly as their
+    DecisionTaken events are: whichever copy comes first counts, the other changes nothing.
+    Applied before the report itself, so the state at the report is the same whether the events
+    stream was read before it or not. False when nothing changed."""
+    changed = False
+    for taken in answers:
+        changed = _answer(state, taken, config) or changed
+    return changed
+
+
+def keep_answer(state: JobState, answer: ControlAnswer) -> None:
+    """Remember the answer to a point (the last MAX_ANSWERS), to give it again if asked again."""
+    answers = {**state.answers, answer.point: answer}
+    state.answers = dict(list(answers.items())[-MAX_ANSWERS:])
+
+
+def _enter_points(state: JobState) -> None:
+    """The job's first decision point: from now on only its points feed the policy. The running
+    layer scores are dropped: the sampled step reports they averaged may or may not have
+    arrived (they are sent lossily), so they would make the first point's ranking depend on
+    load."""
+    state.points = True
+    for view in state.layers.values():
+        view.gradient_score = None
+        view.variance_score = None
 
 
 def _layers(state: JobState, report: TelemetryReport, config: PolicyConfig) -> None:
@@ -144,10 +201,15 @@ def restart_plateau(state: JobState) -> None:
 
 
 def _departures(state: JobState, report: TelemetryReport) -> None:
+    """A seed an epoch report listed before and this one does not is gone. A point report is
+    complete (every live seed, after every decision answered before it): any seed it does not
+    list is gone, even one only an answer told of."""
     listed = {(s.layer, s.seed) for s in report.seeds}
     for track in list(state.seeds):
-        if track.seen_epoch is not None and (track.layer, track.seed) not in listed:
-            _depart(state, track, f"epoch {report.epoch} reports its slot DORMANT")
+        seen = report.decision_point or track.seen_epoch is not None
+        if seen and (track.layer, track.seed) not in listed:
+            where = f"epoch {report.epoch}" if report.kind == "epoch" else f"point {report.point}"
+            _depart(state, track, f"{where} reports its slot DORMANT")
 
 
 def _ramps(state: JobState, report: TelemetryReport) -> None:
@@ -231,6 +293,8 @@ def ingest_event(state: JobState, message: Message, config: PolicyConfig) -> boo
 
 
 def _transition(state: JobState, event: SeedTransition) -> bool:
+    if state.points:
+        return False  # its next point report says the same, at a place that does not vary
     track = state.track(event.layer, event.seed)
     if track is not None:
         if _other_kernel(track.kernel_id, event.kernel_id):

@@ -4,7 +4,8 @@ CIFAR-10's python batches, from under Tolaria's data directory.
 Each reader checks what it reads and raises SpecError pointing at the spec field to fix (the
 path, `x_key`, `label_column`, …) with the resolved file named in the message. Readers return
 the samples as stored (`[N, F]` features or `[N, C, H, W]` images, any numeric dtype) and int64
-labels; splitting and normalising are datasets.py's.
+labels; splitting and normalising are datasets.py's. Checking a spec without loading the set
+is dataheaders.py's, with the checks shared from here.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ IDX_IMAGES_MAGIC = 2051  # unsigned bytes, 3 dimensions: [N, H, W]
 IDX_LABELS_MAGIC = 2049  # unsigned bytes, 1 dimension: [N]
 CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _READ_CHUNK = 1 << 20
+NOT_NPY = "the member is not a .npy array"
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,52 +73,128 @@ def relative_message(message: str, data_dir: Path) -> str:
 
 def read_files(spec: FileData, data_dir: Path) -> RawData:
     """The samples of a `FileData` spec, at most `spec.limit` of them (the first ones)."""
-    path = resolve_path(data_dir, spec.path)
-    if spec.kind in ("npz", "csv"):
-        if not path.is_file():
-            raise SpecError(_PATH, f"{path} is a directory, not a .{spec.kind} file")
-        if spec.kind == "npz":
-            return read_npz(path, spec.x_key, spec.y_key, spec.limit)
+    path = locate(spec, data_dir)
+    if spec.kind == "npz":
+        return read_npz(path, spec.x_key, spec.y_key, spec.limit)
+    if spec.kind == "csv":
         return read_csv(path, spec.label_column, spec.limit)
-    if not path.is_dir():
-        raise SpecError(_PATH, f"{path} is a file; {spec.kind} data is a directory of files")
     if spec.kind == "mnist":
         return read_mnist(path, spec.limit)
     return read_cifar10(path, spec.limit)
 
 
+def locate(spec: FileData, data_dir: Path) -> Path:
+    """The spec's resolved path: a file for npz and csv, a directory for mnist and cifar10."""
+    path = resolve_path(data_dir, spec.path)
+    if spec.kind in ("npz", "csv"):
+        if not path.is_file():
+            raise SpecError(_PATH, f"{path} is a directory, not a .{spec.kind} file")
+    elif not path.is_dir():
+        raise SpecError(_PATH, f"{path} is a file; {spec.kind} data is a directory of files")
+    return path
+
+
 # ------------------------------------------------------------ checks
 def labels(values: np.ndarray[Any, Any], where: Location, what: str) -> np.ndarray[Any, Any]:
     """Class labels `0 … C-1` as int64, from integers or integral floats."""
-    if values.ndim != 1:
-        raise SpecError(where, f"{what} must be one label per sample, not shape {values.shape}")
-    if values.dtype.kind == "f":
-        if not np.isfinite(values).all() or (values != np.round(values)).any():
-            raise SpecError(where, f"{what} holds values that are not whole numbers")
-    elif values.dtype.kind not in "biu":
-        raise SpecError(where, f"{what} must be integer class labels, not {values.dtype}")
-    if values.size and values.min() < 0:
-        raise SpecError(where, f"{what} holds a negative label ({values.min()}); use 0 … C-1")
+    label_shape(values.shape, where, what)
+    scan = LabelScan(where, what)
+    scan.add(values)
+    scan.check()
     return values.astype(np.int64)
 
 
+def label_shape(shape: tuple[int, ...], where: Location, what: str) -> None:
+    if len(shape) != 1:
+        raise SpecError(where, f"{what} must be one label per sample, not shape {shape}")
+
+
+class LabelScan:
+    """What `labels` checks, over labels that may come in blocks (a file streamed, never held
+    whole): `add` each block, then `check` raises what `labels` would have raised about them
+    all, in the same order. `top` is the largest label among the counted ones."""
+
+    def __init__(self, where: Location, what: str) -> None:
+        self.where, self.what = where, what
+        self.bad_dtype: np.dtype[Any] | None = None
+        self.fractional = False
+        self.low: Any = None  # a numpy scalar, shown as `labels` showed it
+        self.top = -1
+
+    def add(self, values: np.ndarray[Any, Any], counted: int | None = None) -> None:
+        """A block of labels; only its first `counted` (all by default) count for `top`."""
+        if values.dtype.kind == "f":
+            if not np.isfinite(values).all() or (values != np.round(values)).any():
+                self.fractional = True
+        elif values.dtype.kind not in "biu":
+            self.bad_dtype = values.dtype
+        if self.bad_dtype is not None or self.fractional or not values.size:
+            return  # refused at `check`: the extremes of what is refused do not matter
+        low = values.min()
+        self.low = low if self.low is None or low < self.low else self.low
+        if values[:counted].size:
+            self.top = max(self.top, int(values[:counted].max()))
+
+    def check(self) -> None:
+        where, what = self.where, self.what
+        if self.bad_dtype is not None:
+            raise SpecError(where, f"{what} must be integer class labels, not {self.bad_dtype}")
+        if self.fractional:
+            raise SpecError(where, f"{what} holds values that are not whole numbers")
+        if self.low is not None and self.low < 0:
+            raise SpecError(where, f"{what} holds a negative label ({self.low}); use 0 … C-1")
+
+
 def _features(x: np.ndarray[Any, Any], where: Location, what: str) -> None:
-    if x.dtype.kind not in "biuf":
-        raise SpecError(where, f"{what} must be numeric, not {x.dtype}")
+    numeric(x.dtype, where, what)
+    finite(x, where, what)
+
+
+def numeric(dtype: np.dtype[Any], where: Location, what: str) -> None:
+    if dtype.kind not in "biuf":
+        raise SpecError(where, f"{what} must be numeric, not {dtype}")
+
+
+def finite(x: np.ndarray[Any, Any], where: Location, what: str) -> None:
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise SpecError(where, f"{what} holds NaN or infinite values")
 
 
 def _same_length(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], where: Location) -> None:
-    if len(x) != len(y):
-        raise SpecError(where, f"{len(x)} samples but {len(y)} labels")
-    if not len(x):
+    same_length(len(x), len(y), where)
+
+
+def same_length(samples: int, labels: int, where: Location) -> None:
+    if samples != labels:
+        raise SpecError(where, f"{samples} samples but {labels} labels")
+    if not samples:
         raise SpecError(where, "holds no samples")
 
 
 # --------------------------------------------------------------- npz
 def read_npz(path: Path, x_key: str, y_key: str, limit: int | None) -> RawData:
     """Arrays `x_key` (`[N, F]`, `[N, H, W]` or `[N, C, H, W]`) and `y_key` (`[N]` labels)."""
+    with open_npz(path) as archive:
+        arrays: list[np.ndarray[Any, Any]] = []
+        for key, field in ((x_key, "x_key"), (y_key, "y_key")):
+            npz_member(archive, path, key, field)
+            try:
+                array = archive[key]
+            except (OSError, ValueError, EOFError) as err:
+                raise SpecError([*_DATASET, field], f"array {key!r} of {path}: {err}") from None
+            if not isinstance(array, np.ndarray):  # NpzFile hands other members over as bytes
+                raise SpecError([*_DATASET, field], f"array {key!r} of {path}: {NOT_NPY}")
+            arrays.append(array)
+    x, y = arrays
+    _features(x, [*_DATASET, "x_key"], f"array {x_key!r}")
+    x = x.reshape(npz_sample_shape(x.shape, x_key))
+    y = labels(y, [*_DATASET, "y_key"], f"array {y_key!r}")
+    _same_length(x, y, [*_DATASET, "y_key"])
+    x, y = x[:limit], y[:limit]
+    return RawData(x, y, npz_source(path, x_key, x.shape, y_key))
+
+
+def open_npz(path: Path) -> np.lib.npyio.NpzFile:
     try:
         # No pickles: an object array in the archive is refused rather than unpickled.
         archive = np.load(path, allow_pickle=False)
@@ -124,31 +202,31 @@ def read_npz(path: Path, x_key: str, y_key: str, limit: int | None) -> RawData:
         raise SpecError(_PATH, f"{path} is not a readable .npz archive: {err}") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise SpecError(_PATH, f"{path} is a single .npy array, not an .npz archive")
-    with archive:
-        arrays: list[np.ndarray[Any, Any]] = []
-        for key, field in ((x_key, "x_key"), (y_key, "y_key")):
-            if key not in archive.files:
-                raise SpecError(
-                    [*_DATASET, field], f"{path} has no array {key!r}; it has {archive.files}"
-                )
-            try:
-                arrays.append(archive[key])
-            except (OSError, ValueError, EOFError) as err:
-                raise SpecError([*_DATASET, field], f"array {key!r} of {path}: {err}") from None
-    x, y = arrays
-    _features(x, [*_DATASET, "x_key"], f"array {x_key!r}")
-    if x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim not in (2, 4):
+    return archive
+
+
+def npz_member(archive: np.lib.npyio.NpzFile, path: Path, key: str, field: str) -> str:
+    """The archive's member name for array `key` (as `NpzFile` looks it up)."""
+    if key not in archive.files:
+        raise SpecError([*_DATASET, field], f"{path} has no array {key!r}; it has {archive.files}")
+    names = archive.zip.namelist() if archive.zip is not None else []
+    return key if key in names else f"{key}.npy"
+
+
+def npz_sample_shape(shape: tuple[int, ...], x_key: str) -> tuple[int, ...]:
+    """`[N, …]` as the model sees it: a channel added to `[N, H, W]` images."""
+    if len(shape) == 3:
+        return (shape[0], 1, *shape[1:])
+    if len(shape) not in (2, 4):
         raise SpecError(
             [*_DATASET, "x_key"],
-            f"array {x_key!r} has shape {x.shape}; samples must be [N, F], [N, H, W] or "
-            "[N, C, H, W]",
+            f"array {x_key!r} has shape {shape}; samples must be [N, F], [N, H, W] or [N, C, H, W]",
         )
-    y = labels(y, [*_DATASET, "y_key"], f"array {y_key!r}")
-    _same_length(x, y, [*_DATASET, "y_key"])
-    x, y = x[:limit], y[:limit]
-    return RawData(x, y, f"npz {path.name} ({x_key!r} {list(x.shape[1:])}, {y_key!r})")
+    return shape
+
+
+def npz_source(path: Path, x_key: str, shape: tuple[int, ...], y_key: str) -> str:
+    return f"npz {path.name} ({x_key!r} {list(shape[1:])}, {y_key!r})"
 
 
 # --------------------------------------------------------------- csv
@@ -156,9 +234,7 @@ def read_csv(path: Path, label_column: int, limit: int | None) -> RawData:
     """Comma-separated numbers, one sample a row; the first row is a header when some cell of
     it is not a number."""
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            first = next(csv.reader(f), None)
-        header = first is not None and any(c.strip() and not _is_number(c) for c in first)
+        first, header = csv_first_row(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "input contained no data"
             table = np.loadtxt(
@@ -173,6 +249,25 @@ def read_csv(path: Path, label_column: int, limit: int | None) -> RawData:
     except (OSError, ValueError) as err:
         raise SpecError(_PATH, f"{path} is not a numeric CSV table: {err}") from None
     rows, columns = table.shape
+    column, name = csv_label_column(path, rows, columns, label_column, first if header else None)
+    y = labels(table[:, column], [*_DATASET, "label_column"], f"column {column}{name}")
+    x = np.delete(table, column, axis=1)
+    _features(x, _PATH, f"the feature columns of {path}")
+    return RawData(x, y, csv_source(path, columns, column, name))
+
+
+def csv_first_row(path: Path) -> tuple[list[str] | None, bool]:
+    """The first row, and whether it is a header (some cell of it is not a number). Raises
+    OSError and ValueError (UnicodeDecodeError) as reading the file does."""
+    with path.open(newline="", encoding="utf-8") as f:
+        first = next(csv.reader(f), None)
+    return first, first is not None and any(c.strip() and not _is_number(c) for c in first)
+
+
+def csv_label_column(
+    path: Path, rows: int, columns: int, label_column: int, header: list[str] | None
+) -> tuple[int, str]:
+    """The label column's index and, from the header, its name as the description shows it."""
     if not rows:
         raise SpecError(_PATH, f"{path} holds no data rows")
     if columns < 2:
@@ -182,11 +277,12 @@ def read_csv(path: Path, label_column: int, limit: int | None) -> RawData:
             [*_DATASET, "label_column"], f"{path} has {columns} columns, no column {label_column}"
         )
     column = label_column % columns
-    name = f" ({first[column].strip()!r})" if header and first and column < len(first) else ""
-    y = labels(table[:, column], [*_DATASET, "label_column"], f"column {column}{name}")
-    x = np.delete(table, column, axis=1)
-    _features(x, _PATH, f"the feature columns of {path}")
-    return RawData(x, y, f"csv {path.name} ({columns - 1} features, label column {column}{name})")
+    name = f" ({header[column].strip()!r})" if header and column < len(header) else ""
+    return column, name
+
+
+def csv_source(path: Path, columns: int, column: int, name: str) -> str:
+    return f"csv {path.name} ({columns - 1} features, label column {column}{name})"
 
 
 def _is_number(text: str) -> bool:
@@ -198,12 +294,13 @@ def _is_number(text: str) -> bool:
 
 
 # ------------------------------------------------------------- mnist
-def read_mnist(directory: Path, limit: int | None) -> RawData:
+def read_mnist(directory: Path, limit: int | None, keep_images: bool = True) -> RawData:
     """The training IDX files of MNIST (or any set in its format: Fashion-MNIST, KMNIST…),
-    plain or gzipped. Images come out as `[N, 1, H, W]` uint8."""
+    plain or gzipped. Images come out as `[N, 1, H, W]` uint8; without `keep_images` they are
+    read through and checked but not kept (a zero-strided stand-in has their shape)."""
     images_path = _one_of(directory, MNIST_IMAGES)
     labels_path = _one_of(directory, MNIST_LABELS)
-    images, count = _read_idx(images_path, IDX_IMAGES_MAGIC, limit)
+    images, count = _read_idx(images_path, IDX_IMAGES_MAGIC, limit, keep_images)
     raw_labels, label_count = _read_idx(labels_path, IDX_LABELS_MAGIC, limit)
     if count != label_count:
         raise SpecError(
@@ -222,9 +319,12 @@ def _one_of(directory: Path, name: str) -> Path:
     raise SpecError(_PATH, f"file not found: {directory / name} (or {name}.gz)")
 
 
-def _read_idx(path: Path, magic: int, limit: int | None) -> tuple[np.ndarray[Any, Any], int]:
-    """The first `limit` records of an IDX file of unsigned bytes, and the record count its
-    header gives. The header: a big-endian uint32 magic (0x0000 0x08 ndim), then ndim uint32
+def _read_idx(
+    path: Path, magic: int, limit: int | None, keep: bool = True
+) -> tuple[np.ndarray[Any, Any], int]:
+    """The first `limit` records of an IDX file of unsigned bytes (without `keep`: a zero-strided
+    stand-in of their shape, the bytes read and dropped), and the record count its header
+    gives. The header: a big-endian uint32 magic (0x0000 0x08 ndim), then ndim uint32
     dimensions."""
     try:
         with _open(path) as f:
@@ -244,12 +344,13 @@ def _read_idx(path: Path, magic: int, limit: int | None) -> tuple[np.ndarray[Any
             count = dims[0]
             records = count if limit is None else min(count, limit)
             record = math.prod(dims[1:])
-            data = _read_exactly(f, records * record)
-            if len(data) < records * record:
+            data = _read_exactly(f, records * record) if keep else None
+            got = len(data) if data is not None else _skip(f, records * record)
+            if got < records * record:
                 raise SpecError(
                     _PATH,
                     f"{path} is truncated: its header gives {count} records of {record} bytes, "
-                    f"the file ends after {len(data) // max(record, 1)}",
+                    f"the file ends after {got // max(record, 1)}",
                 )
             if records == count and f.read(1):
                 raise SpecError(
@@ -257,6 +358,8 @@ def _read_idx(path: Path, magic: int, limit: int | None) -> tuple[np.ndarray[Any
                 )
     except (OSError, EOFError, zlib.error) as err:  # gzip: BadGzipFile, a cut-off stream
         raise SpecError(_PATH, f"{path} cannot be read (truncated or corrupt?): {err}") from None
+    if data is None:
+        return np.broadcast_to(np.zeros((), np.uint8), (records, *dims[1:])), count
     array = np.frombuffer(data, dtype=np.uint8).reshape(records, *dims[1:])
     return array, count
 
@@ -277,6 +380,18 @@ def _read_exactly(f: io.BufferedIOBase, size: int) -> bytearray:
             break
         data += chunk
     return data
+
+
+def _skip(f: io.BufferedIOBase, size: int) -> int:
+    """Reads up to `size` bytes and drops them (a gzip stream cannot seek cheaply): how many
+    there were."""
+    done = 0
+    while done < size:
+        chunk = f.read(min(_READ_CHUNK, size - done))
+        if not chunk:
+            break
+        done += len(chunk)
+    return done
 
 
 # ----------------------------------------------------------- cifar10

@@ -14,6 +14,7 @@ import torch
 
 from esper.contracts.jobs import DatasetSpec, Split, SyntheticData
 from tolaria.dataformats import read_files
+from tolaria.dataheaders import read_geometry
 from tolaria.errors import Location, SpecError
 
 MAX_SYNTHETIC_VALUES = 1 << 28
@@ -53,7 +54,7 @@ def load_dataset(spec: DatasetSpec, data_dir: Path) -> DataSplits:
     else:
         raw = read_files(spec, data_dir)
         x, y, source = raw.x, raw.y, raw.source
-        classes = _classes_of(y, source)
+        classes = _classes_of(int(y.max()), source)
     train, val, test = split_indices(len(y), spec.split)
     # A copy: standardising in place must not write through to the reader's arrays.
     features = torch.from_numpy(np.array(x, dtype=np.float32))
@@ -80,20 +81,21 @@ def load_dataset(spec: DatasetSpec, data_dir: Path) -> DataSplits:
 
 def dataset_geometry(spec: DatasetSpec, data_dir: Path) -> tuple[tuple[int, ...], int, int]:
     """(one sample's shape, classes, samples), refusing what `load_dataset` would refuse, for
-    checking a spec where the job is submitted: a generated set is checked by arithmetic and
-    never generated; files are read (checking them needs their contents) but neither converted
-    to float32, split nor standardised, each of which would copy them again."""
+    checking a spec where the job is submitted, without holding the data set in memory: a
+    generated set is checked by arithmetic and never generated; files are checked by
+    dataheaders.py, which reads headers and streams what it must scan (labels, CSV rows) but
+    keeps no features. (NaN in an npz feature array shows only when the job loads the set.)"""
     if isinstance(spec, SyntheticData):
         check_synthetic(spec)
         return (spec.features,), spec.classes, spec.samples
-    raw = read_files(spec, data_dir)
-    classes = _classes_of(raw.y, raw.source)
-    split_sizes(len(raw.y), spec.split)
-    return tuple(int(d) for d in raw.x.shape[1:]), classes, len(raw.y)
+    geometry = read_geometry(spec, data_dir)
+    classes = _classes_of(geometry.top_label, geometry.source)
+    split_sizes(geometry.samples, spec.split)
+    return geometry.shape, classes, geometry.samples
 
 
-def _classes_of(y: np.ndarray[Any, Any], source: str) -> int:
-    classes = int(y.max()) + 1
+def _classes_of(top_label: int, source: str) -> int:
+    classes = top_label + 1
     if classes < 2:
         raise SpecError(_DATASET, f"every label is 0 ({source}): a classifier needs 2 classes")
     return classes

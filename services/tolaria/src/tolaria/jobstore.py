@@ -29,7 +29,14 @@ from redis.exceptions import WatchError
 from esper.bus import BusSettings
 from esper.bus.connection import CONNECTION_ERRORS, Backoff
 from esper.bus.producer import FIELD
-from esper.contracts import TERMINAL_JOB_STATUSES, Envelope, JobSpec, JobStatus, JobView
+from esper.contracts import (
+    TERMINAL_JOB_STATUSES,
+    ControlDecision,
+    Envelope,
+    JobSpec,
+    JobStatus,
+    JobView,
+)
 from esper.exceptions import BusError
 
 log = logging.getLogger("tolaria.jobstore")
@@ -111,6 +118,9 @@ class JobStore:
 
     def stop_key(self, job_id: str) -> str:
         return f"{self.key(job_id)}:stop"
+
+    def inbox_key(self, job_id: str) -> str:
+        return f"{self.key(job_id)}:inbox"
 
     @property
     def index_key(self) -> str:
@@ -212,10 +222,30 @@ class JobStore:
                 self.logs_key(job_id),
                 self.logs_batch_key(job_id),
                 self.stop_key(job_id),
+                self.inbox_key(job_id),
             )
             pipe.zrem(self.index_key, job_id)
             if view.submission_id:
                 pipe.delete(self.submission_key(view.submission_id))
+            await pipe.execute()
+
+    # ----------------------------------------------------------------- inbox
+    # Operators' decisions wait here for the job's next decision point: their bus messages are
+    # acked on arrival (a handler may not wait an epoch), so this list is what keeps them
+    # through a crash of the job's process until a checkpoint holds their effect.
+    async def hold_decision(self, job_id: str, decision: ControlDecision) -> None:
+        await self.redis.rpush(self.inbox_key(job_id), decision.model_dump_json())
+
+    async def held_decisions(self, job_id: str) -> list[ControlDecision]:
+        raw = await self.redis.lrange(self.inbox_key(job_id), 0, -1)
+        return [ControlDecision.model_validate_json(item) for item in raw]
+
+    async def release_decisions(self, job_id: str, decisions: list[ControlDecision]) -> None:
+        if not decisions:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for decision in decisions:
+                pipe.lrem(self.inbox_key(job_id), 0, decision.model_dump_json())
             await pipe.execute()
 
     # ------------------------------------------------------------------ stop

@@ -3,8 +3,10 @@
 Training runs on the main thread and never waits for Redis: events and telemetry are handed to
 this loop and published from there; log lines are shipped in batches; a poller turns a stop
 request (or the death of the worker that started this process) into a flag the training loop
-reads once per step; control decisions for this job arrive here and wait in a queue until the
-training loop executes them between two steps — their messages are acked only then.
+reads once per step; operators' decisions for this job arrive here, are held in the job's inbox
+in Redis (then their messages are acked) and wait in a queue for the training loop's next
+decision point; the controller's answers to the job's decision points (`control.answer`) are
+handed to the training loop waiting for them.
 
 A Redis restart does not end the job. What it must write — events, epoch reports, its record's
 progress, log lines — waits in an ordered journal in memory and is sent again, on the bus's
@@ -28,11 +30,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from esper.bus import BusSettings, Consumer, Delivery, Producer, connect
+from esper.bus import FIELD, BusSettings, Consumer, Delivery, Producer, connect
 from esper.bus.connection import Backoff
 from esper.contracts import (
+    ControlAnswer,
     ControlDecision,
-    DecisionTaken,
     Envelope,
     Heartbeat,
     Message,
@@ -48,6 +50,10 @@ T = TypeVar("T")
 SOURCE = "tolaria"
 JOB_SERVICE = "tolaria-job"
 HEARTBEAT_S = 5.0
+CONTROLLER = "tamiyo"
+"""The service whose heartbeat says a controller is there to answer decision points."""
+HEALTH_LOOKBACK = 200
+"""Heartbeats read back from the end of the health stream when looking for the controller's."""
 TELEMETRY_FLUSH_S = 0.05
 LOG_SHIP_S = 0.5
 
@@ -56,14 +62,6 @@ def control_group(job_id: str) -> str:
     """Each job reads the control topic in its own group, created when the job is submitted, so
     a decision published before the job process started is waiting for it."""
     return f"tolaria-job-{job_id}"
-
-
-class Pending:
-    """A decision waiting for the training loop, and the future its ack waits on."""
-
-    def __init__(self, decision: ControlDecision) -> None:
-        self.decision = decision
-        self.done: concurrent.futures.Future[DecisionTaken] = concurrent.futures.Future()
 
 
 @dataclass
@@ -113,9 +111,15 @@ class JobRuntime:
         self._thread = threading.Thread(target=self.loop.run_forever, name="job-bus", daemon=True)
         self.stop_event = threading.Event()
         self.orphaned = threading.Event()
-        self.decisions: queue.SimpleQueue[Pending] = queue.SimpleQueue()
+        self.decisions: queue.SimpleQueue[ControlDecision] = queue.SimpleQueue()
+        """Operators' decisions for the next decision point, in arrival order."""
+        self._queued: set[str] = set()
+        """Ids of the decisions ever queued: one delivered again, or both delivered and read
+        back from the inbox by a resumed job, is queued once."""
+        self._answers: dict[str, ControlAnswer] = {}
+        self._answered = threading.Condition()
         self.wakeups: list[str] = []
-        """Non-empty once a stop was requested or a decision is waiting. The training loop tests
+        """Non-empty once a stop was requested. The training loop tests
         its truth once a step, which is a bytecode rather than a call: on a tiny model each call
         in the step loop costs ~1 % of the step."""
         self._journal: collections.deque[_Entry] = collections.deque()
@@ -149,6 +153,7 @@ class JobRuntime:
         self._order = asyncio.Lock()
         self.consumer = Consumer(control_group(self.job_id), ["control"], settings=self.bus)
         self.consumer.register(ControlDecision, self._on_decision)
+        self.consumer.register(ControlAnswer, self._on_answer)
 
         def every(seconds: float, fn: Step, name: str, wait_first: bool) -> asyncio.Future[None]:
             return asyncio.ensure_future(
@@ -241,8 +246,61 @@ class JobRuntime:
     def telemetry(self, report: TelemetryReport) -> None:
         """Queue a report; the bus loop publishes it within TELEMETRY_FLUSH_S. Nothing here wakes
         that loop: a wake-up per report made the training thread wait for the GIL while the loop
-        ran (half a millisecond a report, on a tiny model more than the step itself)."""
+        ran (half a millisecond a report, on a tiny model more than the step itself). A decision
+        point does wake it: the job is about to wait for the answer."""
         self._journal.append(_Entry(report=report))
+        if report.decision_point:
+            self.fire(self._send_journal())
+
+    def ask_again(self, report: TelemetryReport) -> None:
+        """Publish a decision point asked before a restart once more, on the bus only: the
+        job's event stream has it already."""
+        self._journal.append(_Entry(report=report, stored=True))
+        self.fire(self._send_journal())
+
+    # -------------------------------------------------------- decision points
+    def controller_alive(self) -> bool:
+        """Whether a controller beat on the health topic within three of its intervals: a
+        decision point waits only when someone is there to answer it. Redis away reads as no
+        controller (the report could not reach one either)."""
+
+        async def look() -> bool:
+            entries = await self.redis.xrevrange(self.bus.stream("health"), count=HEALTH_LOOKBACK)
+            now = time.time()
+            for _, fields in entries or []:
+                try:
+                    envelope = Envelope.decode((fields or {})[FIELD])
+                    beat = envelope.message()
+                except Exception:
+                    continue
+                if (
+                    isinstance(beat, Heartbeat)
+                    and beat.service == CONTROLLER
+                    and beat.status != "down"
+                    and now - envelope.ts <= 3 * beat.interval_s
+                ):
+                    return True
+            return False
+
+        try:
+            return self.call(look(), timeout=10)
+        except Exception as err:
+            log.warning("controller heartbeat not read: %s", err)
+            return False
+
+    def wait_answer(self, point: str, timeout_s: float) -> ControlAnswer | None:
+        """The controller's answer to this job's decision point `point`, or None if none came
+        within `timeout_s` (or a stop was requested meanwhile: the caller looks at the flag)."""
+        deadline = time.monotonic() + timeout_s
+        with self._answered:
+            while point not in self._answers:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stop_event.is_set():
+                    return None
+                self._answered.wait(min(left, self.settings.stop_poll_s))
+            answer = self._answers.pop(point)
+            self._answers.clear()  # answers to earlier points came too late: never applied
+            return answer
 
     async def _send_journal(self, force: bool = False) -> None:
         """Send the journal in order. A write that fails stays at the head and is sent again
@@ -268,8 +326,12 @@ class JobRuntime:
                 entry.event = Envelope.wrap(entry.report, source=SOURCE)
             if not entry.published:
                 # Lossy by design (the batcher drops the oldest when Redis is slow), except epoch
-                # reports, which the job's own event stream keeps.
-                self.producer.publish_batched(entry.event)
+                # reports, which the job's own event stream keeps, and decision points, which
+                # the job waits on.
+                if entry.report.decision_point:
+                    await self.producer.publish(entry.event)
+                else:
+                    self.producer.publish_batched(entry.event)
                 entry.published = True
             if entry.report.kind == "epoch" and not entry.stored:
                 await self.store.append_event(self.job_id, entry.event)
@@ -351,14 +413,41 @@ class JobRuntime:
             self.wakeups.append(why)
 
     async def _on_decision(self, delivery: Delivery) -> None:
+        """An operator's decision (Tamiyo's own come in answers): held in the inbox, which
+        outlives this process, then queued for the job's next decision point."""
         decision = delivery.message
         assert isinstance(decision, ControlDecision)
         if decision.job_id != self.job_id:
             return  # another job's decision; its own group handles it
-        pending = Pending(decision)
-        self.decisions.put(pending)
-        self.wakeups.append("decision")  # after the put: whoever sees the wakeup finds it
-        await asyncio.wrap_future(pending.done)
+        await self.store.hold_decision(self.job_id, decision)
+        self._queue(decision)
+
+    def _queue(self, decision: ControlDecision) -> None:
+        with self._answered:  # the bus loop and the training thread both queue
+            if decision.decision_id in self._queued:
+                return
+            self._queued.add(decision.decision_id)
+        self.decisions.put(decision)
+
+    def requeue_held_decisions(self) -> None:
+        """A resumed job: the held decisions its previous process had not checkpointed go to the
+        queue again (one already executed answers with its first outcome, doing nothing)."""
+        for decision in self.reliably(lambda: self.store.held_decisions(self.job_id), "inbox"):
+            self._queue(decision)
+
+    def release_decisions(self, decisions: list[ControlDecision]) -> None:
+        """Executed, and their effect checkpointed: out of the inbox."""
+        if decisions:
+            self.reliably(lambda: self.store.release_decisions(self.job_id, decisions), "inbox")
+
+    async def _on_answer(self, delivery: Delivery) -> None:
+        answer = delivery.message
+        assert isinstance(answer, ControlAnswer)
+        if answer.job_id != self.job_id:
+            return
+        with self._answered:
+            self._answers[answer.point] = answer
+            self._answered.notify_all()
 
 
 def _log_failure(future: concurrent.futures.Future[Any]) -> None:

@@ -1,9 +1,9 @@
 """One job's training, in the job process: build the data and the model from the spec, wrap it,
-train epoch by epoch, execute control decisions between steps, measure seeds, checkpoint every
-epoch, resume from the last checkpoint.
+train epoch by epoch, execute control decisions at decision points (decisionpoints.py), measure
+seeds, checkpoint every epoch, resume from the last checkpoint.
 
-The per-step path is kept to what a plain PyTorch loop does plus a queue check, a flag check and
-the wrapper's own bookkeeping, so a job with dormant seeds runs at (nearly) plain speed.
+The per-step path is kept to what a plain PyTorch loop does plus a flag check, a counter check
+and the wrapper's own bookkeeping, so a job with dormant seeds runs at (nearly) plain speed.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from esper.morphable import MorphableModel
 from esper.training import SeedOrchestrator, TelemetryReporter
 from tolaria import checkpoint
 from tolaria.datasets import DataSplits, load_dataset
+from tolaria.decisionpoints import DecisionPoints
 from tolaria.models import build_model, morphable_layers
 from tolaria.publishing import publish_trained_kernels
 from tolaria.runtime import JobRuntime
@@ -123,6 +124,7 @@ class JobTrainer:
         self.morphable: MorphableModel | None = None
         self.orchestrator: SeedOrchestrator | None = None
         self.reporter: TelemetryReporter | None = None
+        self.points: DecisionPoints | None = None
         self.urza: UrzaClient | None = None
         if self.morph.enabled:
             layers = morphable_layers(model, self.morph)
@@ -156,6 +158,7 @@ class JobTrainer:
                 kernel_format=self.morph.kernel_format,
             )
             self.orchestrator.attach()
+            self.points = DecisionPoints(runtime, self.orchestrator, self.morph)
             self.reporter = TelemetryReporter(
                 self.morphable,
                 self.job_id,
@@ -187,12 +190,15 @@ class JobTrainer:
     # ------------------------------------------------------------- resume
     def resume(self) -> bool:
         state = checkpoint.load(self.checkpoint_path)
+        self.runtime.requeue_held_decisions()
         if state is None:
             return False
         self.model.load_state_dict(state["model"])
         checkpoint.restore_group_states(self.optimizer, state["optimizer"])
         if self.orchestrator is not None and state.get("orchestrator") is not None:
             self.orchestrator.load_state_dict(state["orchestrator"])
+        if self.points is not None:
+            self.points.load_state_dict(state.get("points"))
         self.progress = Progress(state["epoch"], state["step"], list(state["history"]))
         self.metrics = JobMetrics.model_validate(state["metrics"])
         torch.set_rng_state(state["rng"])
@@ -212,6 +218,7 @@ class JobTrainer:
                 "model": self.model.state_dict(),
                 "optimizer": checkpoint.group_states(self.optimizer),
                 "orchestrator": self.orchestrator.state_dict() if self.orchestrator else None,
+                "points": self.points.state_dict() if self.points else None,
                 "rng": torch.get_rng_state(),
                 "layers": self.morphable.layer_names() if self.morphable else [],
                 "seeds_per_layer": self.morph.seeds_per_layer,
@@ -222,6 +229,11 @@ class JobTrainer:
     def run(self) -> None:
         """Train the remaining epochs; StopRequested when a stop (or orphaning) interrupts."""
         spec = self.training
+        if self.points is not None and self.points.open is not None:
+            # Resumed from a checkpoint whose decision point was asked but not settled: ask it
+            # again (the controller answers a point it answered with the same answer).
+            self.runtime.ask_again(self.points.open)
+            self._settle(self.progress.epoch - 1)
         while self.progress.epoch < spec.epochs:
             epoch = self.progress.epoch
             self.host_group["lr"] = spec.lr * lr_factor(spec, epoch)
@@ -246,8 +258,9 @@ class JobTrainer:
         # it, and one module call less per step is ~1% of a tiny model's step.
         model = self.morphable.model if self.morphable is not None else self.model
         optimizer, loss_fn, wakeups = self.optimizer, self.loss_fn, self.runtime.wakeups
-        morphable, reporter = self.morphable, self.reporter
+        morphable, reporter, orchestrator = self.morphable, self.reporter, self.orchestrator
         every = (reporter.every_steps if reporter is not None else None) or 0
+        decide_every = (self.points.every_steps if self.points is not None else None) or 0
         seeded = morphable is not None and not morphable.all_dormant
         # On the CPU reading a loss costs nothing; on an accelerator it would sync every step,
         # so there the losses stay on the device until the epoch ends.
@@ -267,6 +280,9 @@ class JobTrainer:
             sampled = every and step % every == 0
             if sampled:
                 reporter.begin_step(step)  # type: ignore[union-attr]
+            if seeded:
+                # Transitions inside the step (a ramp ending, the circuit breaker) carry it.
+                orchestrator.on_step(step)  # type: ignore[union-attr]
             loss = loss_fn(model(data.train_x[index]), data.train_y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -284,6 +300,15 @@ class JobTrainer:
                 losses.append(loss.detach())
             steps += 1
             progress.step = step + 1
+            # A point at the epoch's last step is the epoch's own (end_epoch asks it).
+            if (
+                decide_every
+                and progress.step % decide_every == 0
+                and begin + len(index) < len(order)
+            ):
+                paused = time.perf_counter()
+                seeded = self.step_point(epoch)
+                start += time.perf_counter() - paused  # waiting for an answer is not training
         elapsed = time.perf_counter() - start
         if losses:
             total = float(torch.stack(losses).sum())  # one sync an epoch
@@ -291,14 +316,30 @@ class JobTrainer:
         return (mean if math.isfinite(mean) else None), len(order) / max(elapsed, 1e-9)
 
     def attend(self, epoch: int) -> bool:
-        """A wakeup: stop if asked, else execute the waiting decisions. Returns whether any seed
-        is now out of DORMANT (the step loop then advances the seeds)."""
+        """A wakeup: stop if asked. Returns whether any seed is out of DORMANT (the step loop
+        then advances the seeds)."""
         self.runtime.wakeups.clear()  # before looking: a later wakeup is seen next step
         if self.runtime.stop_event.is_set():
             raise StopRequested
-        if not self.runtime.decisions.empty():
-            self.execute_decisions(epoch)
         return self.morphable is not None and not self.morphable.all_dormant
+
+    def step_point(self, epoch: int) -> bool:
+        """A decision point within the epoch (`decide_every_steps`); not checkpointed: a job
+        resumed from the epoch's start reaches it again and gets the same answer."""
+        assert self.points is not None and self.reporter is not None
+        report = self.reporter.point_report(
+            epoch, self.progress.step, answers=self.points.take_answers()
+        )
+        self.points.ask(report)
+        self.points.settle(step=self.progress.step, epoch=epoch)
+        return self.attend(epoch)
+
+    def _settle(self, epoch: int) -> None:
+        """Settle the epoch's open point; checkpoint again if it changed the model."""
+        assert self.points is not None
+        if self.points.settle(step=self.progress.step, epoch=epoch):
+            self.save()
+        self.points.release()
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> Evaluation:
@@ -338,11 +379,12 @@ class JobTrainer:
                 "val_accuracy": val.accuracy,
             }
         )
-        self.save()  # before anything says the epoch is done: a crash now retrains nothing
+        last = self.progress.epoch == self.training.epochs  # nothing left to grow for
         if self.reporter is not None:
             if not self.reporter.has_layer_stats:
                 self.reporter.sample_layers(data.val_x[: self.training.batch_size])
-            self.reporter.epoch_report(
+            asking = self.points is not None and not last
+            report = self.reporter.epoch_report(
                 epoch=epoch,
                 step=self.progress.step,
                 train_loss=train_loss,
@@ -350,13 +392,25 @@ class JobTrainer:
                 val_accuracy=val.accuracy,
                 samples_per_s=samples_per_s,
                 contributions=contributions,
+                decision_point=asking,
+                answers=self.points.take_answers() if self.points is not None else (),
             )
+            if asking:
+                assert self.points is not None
+                self.points.ask(report)
         else:
             self.runtime.telemetry(
                 _plain_report(
                     self.job_id, epoch, self.progress.step, train_loss, val, samples_per_s
                 )
             )
+        # Saved with the epoch, the open point with it: a crash from here on retrains nothing,
+        # and a job resumed from this checkpoint asks the point again.
+        self.save()
+        if self.points is not None:
+            self._settle(epoch)
+        else:
+            self.refuse_waiting_decisions("morphogenesis_off", "morphogenesis is off for this job")
         # Queued, not awaited: a Redis restart now must not stop training; the journal writes
         # it once Redis is back, after this epoch's report.
         self.record_progress()
@@ -392,45 +446,13 @@ class JobTrainer:
         return self.orchestrator.seed_views() if self.orchestrator is not None else []
 
     # ----------------------------------------------------------- decisions
-    def execute_decisions(self, epoch: int) -> None:
-        """Between two steps: run each waiting decision on the bus loop (it may compile a kernel
-        in Urza and fetch it) while training waits, then let its message be acked."""
-        while not self.runtime.decisions.empty():
-            pending = self.runtime.decisions.get()
-            if self.orchestrator is None:
-                outcome = DecisionTaken.refused(
-                    pending.decision,
-                    "morphogenesis_off",
-                    "morphogenesis is off for this job",
-                    seed=pending.decision.seed,
-                )
-                self.runtime.emit(outcome)
-            else:
-                self.orchestrator.on_step(self.progress.step)
-                outcome = self.runtime.call(
-                    self.orchestrator.execute(
-                        pending.decision, step=self.progress.step, epoch=epoch
-                    ),
-                    timeout=600,
-                )
-            pending.done.set_result(outcome)
-            log.info(
-                "decision %s (%s %s): %s — %s",
-                outcome.decision_id,
-                outcome.action,
-                outcome.layer,
-                outcome.outcome,
-                outcome.reason,
-            )
-
     def refuse_waiting_decisions(self, code: RefusalCode, reason: str) -> None:
+        refused = []
         while not self.runtime.decisions.empty():
-            pending = self.runtime.decisions.get()
-            outcome = DecisionTaken.refused(
-                pending.decision, code, reason, seed=pending.decision.seed
-            )
-            self.runtime.emit(outcome)
-            pending.done.set_result(outcome)
+            decision = self.runtime.decisions.get()
+            self.runtime.emit(DecisionTaken.refused(decision, code, reason, seed=decision.seed))
+            refused.append(decision)
+        self.runtime.release_decisions(refused)
 
 
 class _NoKernelProvider:

@@ -2,8 +2,9 @@
 and fits, the model builds for it, the layers to wrap exist, and the job fits its memory budget.
 
 This runs in the API process, so it allocates nothing in proportion to the job: the model is
-built on the meta device, and a generated data set is checked by arithmetic, never generated
-(files are read as stored, since checking them needs their contents).
+built on the meta device, a generated data set is checked by arithmetic, never generated, and a
+file data set from its headers and streamed labels or rows (dataheaders.py), never loaded; the
+pickled CIFAR-10 batches are read by a child process under a memory and a time limit.
 """
 
 from __future__ import annotations

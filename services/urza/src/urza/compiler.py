@@ -31,7 +31,13 @@ from esper.exceptions import (
 from esper.kernels.artifact import KernelArtifact, digest_of, kernel_id_for
 from esper.kernels.executor import KernelExecutor, deserialize, probe_input
 from esper.kernels.inspection import is_torchscript_archive
-from urza.budget import check_compile_budget
+from urza.budget import (
+    CompileEstimate,
+    check_budget,
+    check_compile_budget,
+    estimate_export_upload,
+    estimate_loaded_upload,
+)
 from urza.errors import AdminTokenRequiredError
 from urza.store import KernelStore
 
@@ -129,15 +135,25 @@ class CompileService:
             await asyncio.shield(waiting)
         return await self._result(kernel_id, request.tags, created)
 
-    async def _check_budget(self, spec: BlueprintSpec, host: HostSignature) -> None:
-        """Refuse, before it is queued, a compile whose kernel would not fit the budget."""
+    @property
+    def _budget(self) -> tuple[int, int] | None:
+        """(parameters, bytes), or None when neither is limited."""
         if self.max_kernel_params is None and self.max_kernel_memory_bytes is None:
-            return
+            return None
         params = self.max_kernel_params if self.max_kernel_params is not None else 1 << 62
         memory = self.max_kernel_memory_bytes
-        await asyncio.to_thread(
-            check_compile_budget, spec, host, params, memory if memory is not None else 1 << 62
-        )
+        return params, memory if memory is not None else 1 << 62
+
+    async def _check_budget(self, spec: BlueprintSpec, host: HostSignature) -> None:
+        """Refuse, before it is queued, a compile whose kernel would not fit the budget."""
+        if (budget := self._budget) is not None:
+            await asyncio.to_thread(check_compile_budget, spec, host, *budget)
+
+    def _check_upload_budget(self, upload: KernelUpload, estimate: CompileEstimate | None) -> None:
+        budget = self._budget
+        if budget is not None and estimate is not None:
+            where = f"uploaded kernel {upload.name!r} ({upload.format})"
+            check_budget(estimate, where, *budget, upload=True)
 
     async def _compile(
         self, kernel_id: str, spec: BlueprintSpec, host: HostSignature, request: CompileRequest
@@ -182,7 +198,8 @@ class CompileService:
     def _checked_upload(self, upload: KernelUpload, data: bytes, admin: bool) -> KernelArtifact:
         """Refuse bytes that are not what the client meant (digest), a program that does more
         than tensor math (esper.kernels.inspection, before any of it runs), a format that runs
-        code at load from an uploader without the admin token, or a kernel that does not fit its
+        code at load from an uploader without the admin token, a kernel over the parameter or
+        memory budget (urza.budget, before its forward runs), or a kernel that does not fit its
         host (a probe forward must give the host's output shape)."""
         digest = digest_of(data)
         if upload.digest is not None and upload.digest != digest:
@@ -220,7 +237,12 @@ class CompileService:
             lineage=upload.lineage_dict(),
             vouched_by="admin" if admin else None,
         )
+        if upload.format == "export":
+            # Declared sizes, read before the program's tensors are built.
+            self._check_upload_budget(upload, estimate_export_upload(data))
         template = deserialize(KernelArtifact(meta, data))
+        if upload.format == "torchscript":
+            self._check_upload_budget(upload, estimate_loaded_upload(template))
         host_layer = upload.host.reference_module()
         module = KernelExecutor().prepare(template, host_layer, kernel_id, "upload")
         probe = probe_input(upload.host, batch=1)

@@ -43,6 +43,11 @@ class KernelBudgetError(BlueprintError):
     to compile, than this Urza allows: refused before anything is allocated."""
 
 
+class UploadBudgetError(KernelBudgetError):
+    """An uploaded kernel holds more parameters, or would need more memory to load and probe,
+    than this Urza allows: refused before it runs, and nothing is stored."""
+
+
 class AdminTokenRequiredError(KernelError):
     """An upload in a format whose loading runs code that cannot be inspected first
     (TorchScript), without Urza's admin token."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -14,6 +15,7 @@ from esper.cli.output import console, fail, fmt
 from esper.client import Esper
 from esper.client.calls import Event
 from esper.contracts import JOB_STATUSES, JobView
+from esper.specyaml import YamlLimitError, load_spec_yaml
 
 app = typer.Typer(no_args_is_help=True, help="Training jobs on Tolaria.")
 Url = Annotated[
@@ -38,13 +40,30 @@ def submit(
     """Submit a job; --follow shows a live progress bar (epoch, loss, accuracy) and seed events."""
     if not spec.is_file():
         fail(f"no such file: {spec}")
+    text = read_spec(spec)
     with client(url) as esper:
-        submitted = esper.submit_yaml(spec.read_text())
+        submitted = esper.submit_yaml(text)
         verb = "submitted" if submitted.created else "already submitted (same submission_id)"
         console.print(f"{verb}: [bold]{submitted.job_id}[/] ({submitted.status})")
         if follow:
             view = follow_job(esper, submitted.job_id)
             raise typer.Exit(0 if view.status == "SUCCEEDED" else 1)
+
+
+def read_spec(path: Path) -> str:
+    """The spec's text, read here within the bounds Tolaria reads it with (esper.specyaml): an
+    alias bomb, deep nesting or broken YAML is one line naming the file, and nothing is sent.
+    What the spec says is Tolaria's to validate."""
+    try:
+        text = path.read_text()
+        load_spec_yaml(text)
+    except UnicodeDecodeError:
+        fail(f"{path}: not a text file")
+    except YamlLimitError as err:
+        fail(f"{path}: {err}")
+    except yaml.YAMLError as err:
+        fail(f"{path}: not valid YAML ({' '.join(str(err).split())})")
+    return text
 
 
 def describe_event(event: Event) -> str | None:

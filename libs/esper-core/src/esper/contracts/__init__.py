@@ -2,14 +2,16 @@
 
 Topics and the messages they carry:
 
-    telemetry   telemetry.report        TelemetryReport
     jobs        job.queued              JobQueued
+    telemetry   telemetry.report        TelemetryReport (v2: decision points; v1 still read)
     control     control.decision        ControlDecision
+                control.answer          ControlAnswer
     health      health.heartbeat        Heartbeat
     events      event.seed_transition   SeedTransition
                 event.job_status        JobStatusChanged
                 event.kernel_ready      KernelReady
                 event.decision_taken    DecisionTaken (v2; v1 DecisionTakenV1 still read)
+                event.decision_point_missed  DecisionPointMissed
 
 Versioning. Each message type has its own integer VERSION, carried in the envelope. Payloads
 forbid unknown fields, so *any* change of shape — even a new optional field — is a new VERSION:
@@ -31,7 +33,7 @@ Urza's API, are in `esper.contracts.kernels`.
 from pydantic import BaseModel
 
 from esper.contracts.api import Check, ErrorBody, ErrorInfo, HealthStatus, Page, Readiness
-from esper.contracts.control import ControlDecision, Strategy
+from esper.contracts.control import ControlAnswer, ControlDecision, Strategy
 from esper.contracts.envelope import (
     TOPICS,
     Envelope,
@@ -43,6 +45,7 @@ from esper.contracts.envelope import (
 from esper.contracts.events import (
     REFUSAL_CODES,
     TRANSIENT_REFUSALS,
+    DecisionPointMissed,
     DecisionTaken,
     DecisionTakenV1,
     JobStatusChanged,
@@ -64,7 +67,13 @@ from esper.contracts.jobs import (
 )
 from esper.contracts.kernels import HostSignature, KernelMeta
 from esper.contracts.kernels_api import CompileRequest, KernelLineage, KernelResult, KernelUpload
-from esper.contracts.telemetry import LayerStats, SeedStats, TelemetryReport, finite_or_none
+from esper.contracts.telemetry import (
+    LayerStats,
+    SeedStats,
+    TelemetryReport,
+    TelemetryReportV1,
+    finite_or_none,
+)
 from esper.contracts.vocabulary import (
     JOB_STATUSES,
     KERNEL_ID_RE,
@@ -104,13 +113,16 @@ SCHEMA_VERSION = 1
 
 MESSAGES: tuple[type[Message], ...] = (
     TelemetryReport,
+    TelemetryReportV1,
     ControlDecision,
+    ControlAnswer,
     Heartbeat,
     SeedTransition,
     JobStatusChanged,
     KernelReady,
     DecisionTaken,
     DecisionTakenV1,
+    DecisionPointMissed,
     JobQueued,
 )
 """Every contract Esper itself defines (the registry may also hold ones a test registered)."""
@@ -147,8 +159,10 @@ __all__ = [
     "BlueprintName",
     "Check",
     "CompileRequest",
+    "ControlAnswer",
     "ControlDecision",
     "Count",
+    "DecisionPointMissed",
     "DecisionTaken",
     "DecisionTakenV1",
     "Detail",
@@ -198,6 +212,7 @@ __all__ = [
     "Strategy",
     "Tag",
     "TelemetryReport",
+    "TelemetryReportV1",
     "Text",
     "Timestamp",
     "Unit",

@@ -117,3 +117,34 @@ class ControlDecision(Message):
         if act in ("keep", "retire") and self.alpha is not None:
             raise ValueError(f"alpha does not apply to {act}")
         return self
+
+
+@register
+class ControlAnswer(Message):
+    """The controller's answer to a job's decision point (a `telemetry.report` with
+    `decision_point`): its decisions for that point, in the order to execute them, or none —
+    an explicit "nothing", with `note` saying why — so the job never waits for what will not
+    come. The point is named by `epoch`, `step` and `kind`, which a restarted job reaches again
+    at the same place: answering the same point twice gives the same answer."""
+
+    TYPE: ClassVar[str] = "control.answer"
+    VERSION: ClassVar[int] = 1
+    TOPIC: ClassVar[str] = "control"
+
+    job_id: Identifier
+    epoch: int = Field(ge=0)
+    step: int = Field(ge=0)
+    kind: Literal["epoch", "step"]
+    decisions: list[ControlDecision] = Field(default_factory=list, max_length=16)
+    note: Reason = Field(description="what the controller made of the report, in words")
+
+    @property
+    def point(self) -> str:
+        return f"{self.kind}:{self.epoch}:{self.step}"
+
+    @model_validator(mode="after")
+    def _decisions_are_for_this_job(self) -> ControlAnswer:
+        for decision in self.decisions:
+            if decision.job_id != self.job_id:
+                raise ValueError(f"decision {decision.decision_id} is for another job")
+        return self

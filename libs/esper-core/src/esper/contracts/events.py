@@ -97,6 +97,25 @@ class SeedTransition(Message):
 
 
 @register
+class DecisionPointMissed(Message):
+    """A job's decision point went unanswered, and the job went on without decisions there:
+    no controller answered within `morphogenesis.decision_timeout_s` (`timeout`), or none was
+    alive to ask (`no_controller`: no heartbeat of one on the health topic). An answer that
+    comes later is not applied: a job applies decisions only at the point they answer."""
+
+    TYPE: ClassVar[str] = "event.decision_point_missed"
+    VERSION: ClassVar[int] = 1
+    TOPIC: ClassVar[str] = "events"
+
+    job_id: Identifier
+    epoch: Count
+    step: Count
+    kind: Literal["epoch", "step"]
+    reason: Literal["timeout", "no_controller"]
+    waited_s: float = Field(ge=0.0, le=86_400.0)
+
+
+@register
 class JobStatusChanged(Message):
     """A training job moved from `previous` (null: just submitted) to `status`."""
 

@@ -4,9 +4,10 @@ generated schemas do not change from run to run."""
 
 from __future__ import annotations
 
-from esper.contracts.control import ControlDecision
+from esper.contracts.control import ControlAnswer, ControlDecision
 from esper.contracts.envelope import Message
 from esper.contracts.events import (
+    DecisionPointMissed,
     DecisionTaken,
     DecisionTakenV1,
     JobStatusChanged,
@@ -16,7 +17,7 @@ from esper.contracts.events import (
 from esper.contracts.health import Heartbeat
 from esper.contracts.jobs import JobQueued
 from esper.contracts.kernels import HostSignature
-from esper.contracts.telemetry import LayerStats, SeedStats, TelemetryReport
+from esper.contracts.telemetry import LayerStats, SeedStats, TelemetryReport, TelemetryReportV1
 
 JOB = "job-7f3a9c"
 KERNEL = "krn_0123456789abcdef01234567"
@@ -59,6 +60,18 @@ def examples() -> dict[type[Message], list[Message]]:
                     ),
                     SeedStats(layer="layer1", seed=1, state="DORMANT", alpha=0.0),
                 ],
+                decision_point=True,
+                answers=[
+                    DecisionTaken(
+                        decision_id="dec-000042",
+                        job_id=JOB,
+                        action="germinate",
+                        outcome="applied",
+                        reason="loaded into seed 0",
+                        layer="layer1",
+                        seed=0,
+                    )
+                ],
             ),
             TelemetryReport(
                 job_id=JOB,
@@ -68,6 +81,39 @@ def examples() -> dict[type[Message], list[Message]]:
                 train_loss=None,
                 nonfinite=["train_loss"],
             ),
+        ],
+        TelemetryReportV1: [
+            TelemetryReportV1(
+                job_id=JOB, epoch=3, step=1200, kind="epoch", train_loss=0.412, val_accuracy=0.87
+            )
+        ],
+        ControlAnswer: [
+            ControlAnswer(
+                job_id=JOB,
+                epoch=3,
+                step=1200,
+                kind="epoch",
+                decisions=[
+                    ControlDecision(
+                        decision_id="dec-000046",
+                        job_id=JOB,
+                        action="germinate",
+                        layer="layer1",
+                        blueprint="low_rank",
+                        ramp_steps=200,
+                        reason="validation loss plateaued for 3 epochs",
+                    )
+                ],
+                note="germinating: validation loss plateaued for 3 epochs",
+            ),
+            ControlAnswer(
+                job_id=JOB, epoch=1, step=400, kind="epoch", note="warming up: epoch 1 of 3"
+            ),
+        ],
+        DecisionPointMissed: [
+            DecisionPointMissed(
+                job_id=JOB, epoch=3, step=1200, kind="epoch", reason="timeout", waited_s=30.0
+            )
         ],
         ControlDecision: [
             ControlDecision(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -39,6 +38,7 @@ from esper.contracts.vocabulary import (
     Timestamp,
     Unit,
 )
+from esper.specyaml import load_spec_yaml
 
 
 class _Spec(BaseModel):
@@ -258,6 +258,23 @@ class MorphogenesisSpec(_Spec):
     publish_kernels: bool = Field(
         default=False, description="at the end, upload each trained ACTIVE seed to Urza"
     )
+    decide_every_steps: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | None = Field(
+        default=None,
+        description=(
+            "decision points every this many training steps, besides the end of every epoch "
+            "(null: at the end of every epoch only). At a decision point the job reports, waits "
+            "for the controller's answer to that report and applies it before its next step, so "
+            "the same spec, data and seed decide the same things at the same steps"
+        ),
+    )
+    decision_timeout_s: Annotated[StrictFloat, Field(gt=0.0, le=600.0)] = Field(
+        default=30.0,
+        description=(
+            "how long a decision point waits for the controller's answer; past it the job goes "
+            "on without decisions there and says so (event.decision_point_missed). With no "
+            "controller alive (no heartbeat on the health topic) it does not wait at all"
+        ),
+    )
 
 
 class JobSpec(_Spec):
@@ -272,8 +289,10 @@ class JobSpec(_Spec):
 
     @classmethod
     def from_yaml(cls, text: str) -> JobSpec:
-        """A spec from YAML (or JSON, which is YAML). Validation errors are pydantic's."""
-        data: Any = yaml.safe_load(text)
+        """A spec from YAML (or JSON, which is YAML), read within esper.specyaml's bounds: an
+        alias bomb or deep nesting raises YamlLimitError (a ConfigError, so a ValueError), text
+        that is not YAML yaml.YAMLError. Validation errors are pydantic's."""
+        data: Any = load_spec_yaml(text)
         return cls.model_validate(data)
 
 

@@ -1,5 +1,11 @@
 """Telemetry: what a training job measured, per epoch or every K steps.
 
+A report marked `decision_point` is also a question: the job waits (bounded) for the
+controller's `control.answer` to it before its next step, and applies that answer there, so the
+same job decides the same things at the same steps whatever the machine's load. It carries the
+job's answers to the decisions it executed since its previous report, so the controller reads
+them in the job's order rather than in whatever order two streams are read.
+
 Tamiyo decides from it and Nissa exports it, so an unmeasured value is `None`, never 0: a dead-unit
 fraction of 0 means "every unit fires", and a missing gradient norm must not look like a calm one.
 A metric that was measured but came out NaN or infinite is `None` here and named in `nonfinite`,
@@ -16,6 +22,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from esper.contracts._schema import NULL, Part, fields_are, when
 from esper.contracts.envelope import Message, register
+from esper.contracts.events import DecisionTaken
 from esper.contracts.vocabulary import (
     Blend,
     Count,
@@ -67,9 +74,8 @@ class SeedStats(Part):
     error_count: Count = 0
 
 
-@register
-class TelemetryReport(Message):
-    """A job's metrics at one point of training (`kind` says whether an epoch or a step ended)."""
+class _ReportFields(Message):
+    """What every version of `telemetry.report` carries."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -81,7 +87,6 @@ class TelemetryReport(Message):
     )
 
     TYPE: ClassVar[str] = "telemetry.report"
-    VERSION: ClassVar[int] = 1
     TOPIC: ClassVar[str] = "telemetry"
 
     job_id: Identifier
@@ -99,6 +104,41 @@ class TelemetryReport(Message):
         max_length=4,
         description="metrics that were measured but were NaN or infinite (reported as null)",
     )
+
+
+@register
+class TelemetryReportV1(_ReportFields):
+    """`telemetry.report` v1: no decision points. Still read; `upgrade()` gives a report that
+    asks nothing."""
+
+    VERSION: ClassVar[int] = 1
+
+    def upgrade(self) -> TelemetryReport:
+        return TelemetryReport(**self.model_dump())
+
+
+@register
+class TelemetryReport(_ReportFields):
+    """A job's metrics at one point of training (`kind` says whether an epoch or a step ended)."""
+
+    VERSION: ClassVar[int] = 2
+
+    decision_point: bool = Field(
+        default=False,
+        description="the job waits for the controller's control.answer to this report and "
+        "applies it before its next step",
+    )
+    answers: list[DecisionTaken] = Field(
+        default_factory=list,
+        max_length=256,
+        description="the job's answers to the decisions it executed since its previous report",
+    )
+
+    @property
+    def point(self) -> str:
+        """The decision point this report is, named by where it happened in training: the same
+        in every run of the job, and after a restart."""
+        return f"{self.kind}:{self.epoch}:{self.step}"
 
     @model_validator(mode="after")
     def _consistent(self) -> TelemetryReport:
@@ -124,6 +164,8 @@ class TelemetryReport(Message):
         metrics: dict[Metric, float | None],
         layers: Iterable[LayerStats] = (),
         seeds: Iterable[SeedStats] = (),
+        decision_point: bool = False,
+        answers: Iterable[DecisionTaken] = (),
     ) -> TelemetryReport:
         """Build a report from raw measurements: a NaN or infinite metric becomes None and is
         named in `nonfinite` instead of making the report invalid."""
@@ -138,4 +180,6 @@ class TelemetryReport(Message):
             layers=list(layers),
             seeds=list(seeds),
             nonfinite=sorted(bad),
+            decision_point=decision_point,
+            answers=list(answers),
         )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from esper.contracts.events import DecisionTaken
 from esper.contracts.telemetry import LayerStats, Metric, SeedStats, TelemetryReport, finite_or_none
 from esper.contracts.vocabulary import SeedStateName
 from esper.exceptions import ConfigError
@@ -283,6 +284,9 @@ class TelemetryReporter:
         samples_per_s: float | None,
         contributions: dict[SeedKey, float] | None,
         layer_stats: Sequence[LayerStats] | None = None,
+        *,
+        decision_point: bool = False,
+        answers: Sequence[DecisionTaken] = (),
     ) -> TelemetryReport:
         """Build and publish the `kind="epoch"` report: the epoch's metrics, the latest layer
         statistics (`layer_stats`, else those of the last sampled step or `sample_layers` since
@@ -302,9 +306,31 @@ class TelemetryReporter:
             metrics=metrics,
             layers=layers,
             seeds=self.seed_stats(contributions),
+            decision_point=decision_point,
+            answers=answers,
         )
         # The window is the epoch: stale statistics must not be reported again as current.
         self._latest = []
+        self._publish(report)
+        return report
+
+    def point_report(
+        self, epoch: int, step: int, answers: Sequence[DecisionTaken] = ()
+    ) -> TelemetryReport:
+        """Build and publish a `kind="step"` decision point within an epoch: the seeds as they
+        are and the latest layer statistics (kept: the epoch report still needs them); no
+        metrics, which are measured at the end of the epoch."""
+        report = TelemetryReport.from_measurements(
+            job_id=self.job_id,
+            epoch=epoch,
+            step=step,
+            kind="step",
+            metrics={},
+            layers=self._latest,
+            seeds=self.seed_stats(),
+            decision_point=True,
+            answers=answers,
+        )
         self._publish(report)
         return report
 

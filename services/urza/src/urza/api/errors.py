@@ -23,6 +23,7 @@ from urza.errors import (
     KernelBudgetError,
     KernelConflictError,
     UnknownTagError,
+    UploadBudgetError,
 )
 
 _BAD_ARTIFACT = ErrorMapping(422, "invalid_artifact", ["body", "artifact"])
@@ -37,6 +38,7 @@ ERRORS: ErrorTable = {
     InvalidBlueprintError: ErrorMapping(422, "invalid_blueprint", ["body"]),
     BlueprintHostError: ErrorMapping(422, "blueprint_host_mismatch", ["body", "host"]),
     KernelBudgetError: ErrorMapping(422, "over_budget", ["body", "host"]),
+    UploadBudgetError: ErrorMapping(422, "over_budget", ["body", "artifact"]),
     CompileError: ErrorMapping(422, "compile_failed", ["body", "blueprint"]),
     BlueprintConflictError: ErrorMapping(409, "conflict", ["body", "version"]),
     KernelConflictError: ErrorMapping(409, "conflict", ["body", "artifact"]),

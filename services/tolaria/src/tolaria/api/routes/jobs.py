@@ -28,13 +28,13 @@ from esper.contracts import (
     Page,
 )
 from esper.service import ApiError, RequireToken, error_responses
+from esper.specyaml import load_spec_yaml
 from tolaria import checkpoint
 from tolaria.dataformats import relative_message
 from tolaria.deps import SettingsDep, StoreDep
 from tolaria.errors import SpecError
 from tolaria.jobstore import UnknownJobError
 from tolaria.runtime import control_group
-from tolaria.specyaml import load_spec_yaml
 from tolaria.validation import check_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])

@@ -116,7 +116,8 @@ async def upload_kernel(
 ) -> KernelResult:
     """Upload a trained kernel with its lineage. Its program is inspected before any of it runs
     (only tensor-math operators: else 422 `unsafe_kernel`, naming the operator); TorchScript
-    needs the admin token (else 403 `admin_token_required`). The bytes must load and fit the
+    needs the admin token (else 403 `admin_token_required`); a kernel over the parameter or
+    memory budget is 422 `over_budget`, naming both numbers. The bytes must load and fit the
     host named in `meta`; the kernel is stored (201) or found already stored (200)."""
     admin = _is_admin(settings, admin_token)
     try:

@@ -1,9 +1,10 @@
 """Reading a YAML job spec within bounds: a spec is a few dozen nodes, so a document with
 thousands of nodes, deep nesting or aliases that expand into more than that is refused before
-it is built into Python objects.
+it is built into Python objects. Tolaria's API, `JobSpec.from_yaml` and the CLI all read specs
+through here, so a bomb is refused the same way wherever it is read.
 
 The pure-Python YAML loader takes seconds per megabyte while holding the GIL, which stalls every
-other request of the API process; libyaml (PyYAML's C loader) is used when it is there, and a
+other request of an API process; libyaml (PyYAML's C loader) is used when it is there, and a
 first pass over the parser's events counts what the document would build, aliases expanded, so
 the load itself is bounded in time and memory.
 """
@@ -14,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from esper.exceptions import ConfigError
+
 MAX_NODES = 10_000
 """Scalars and collections in one document, each alias counted as the nodes it repeats."""
 MAX_DEPTH = 32
@@ -21,8 +24,8 @@ MAX_DEPTH = 32
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class YamlLimitError(ValueError):
-    """A YAML document over MAX_NODES or MAX_DEPTH."""
+class YamlLimitError(ConfigError):
+    """A YAML document over MAX_NODES or MAX_DEPTH (a ValueError, like every ConfigError)."""
 
 
 def load_spec_yaml(
