@@ -13,7 +13,7 @@ TESTS := libs/esper-core/tests $(foreach s,$(SERVICES),services/$(s)/tests) test
 	tests/e2e/test_compose_file.py tests/contract tests/faults
 LINTED := libs services benchmarks examples
 
-.PHONY: dev test test-tools e2e env lint bench up demo proto clean
+.PHONY: dev test test-tools e2e env lint bench bench-adapt up demo proto clean
 
 $(STAMP): constraints.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# Does growth pay? Five tasks × 3 seeds × five arms through the local stack (≈ 5–15 min on 2 cores);
+# writes docs/adaptation.md and docs/adaptation/. BENCH_ARGS=--quick: one task, one seed.
+bench-adapt: $(STAMP)
+	$(BIN)/python benchmarks/adaptation/run.py $(BENCH_ARGS)
 
 # The main job: the local stack, then the growth demo job beside the same job without growth.
 demo: $(STAMP)

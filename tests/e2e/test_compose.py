@@ -3,7 +3,7 @@
 The test builds the images (deploy/docker/build.sh: BuildKit where the machine can), brings
 docker-compose.yml up under its own project name and with its own free host ports (so a stack a
 developer has running is left alone), waits until every container is healthy, submits
-examples/jobs/spirals.yaml to Tolaria, and checks that
+examples/jobs/circles.yaml to Tolaria, and checks that
 
 - the job SUCCEEDS, and Tamiyo germinated at least one seed that the job applied (Tamiyo's
   decision records say so, and the job's events show the seed going ACTIVE);
@@ -272,7 +272,7 @@ def test_the_growth_demo_job_succeeds_with_a_germinated_seed_and_reaches_prometh
 ) -> None:
     started = time.monotonic()
     tolaria = stack.api("tolaria")
-    spec = (ROOT / "examples/jobs/spirals.yaml").read_bytes()
+    spec = (ROOT / "examples/jobs/circles.yaml").read_bytes()
     # The tokens are in force: without one, the job is refused.
     anonymous = httpx.post(
         f"{stack.url('tolaria')}/jobs",

@@ -54,6 +54,7 @@ def tamiyo(
         "TAMIYO_HEARTBEAT_INTERVAL_S": "0.5",
         "TAMIYO_WARMUP_EPOCHS": "1",
         "TAMIYO_PATIENCE": "2",
+        "TAMIYO_TRAIN_STALL_DELTA": "0.02",
         "TAMIYO_INSTANCE": f"tamiyo-test-{next(_instances)}",
         "ESPER_BUS_REDIS_URL": module_redis.url,
         "ESPER_BUS_PREFIX": bus_prefix,

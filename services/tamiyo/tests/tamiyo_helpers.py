@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-from esper.bus import FIELD, BusSettings, Producer, connect
+from esper.bus import FIELD, BusSettings, Delivery, Producer, connect
 from esper.contracts import (
     ControlAnswer,
     ControlDecision,
@@ -24,6 +24,7 @@ from esper.contracts import (
     SeedStats,
     SeedTransition,
     TelemetryReport,
+    TelemetryReportV1,
 )
 from tamiyo import tracking
 from tamiyo.catalogue import Catalogue, builtin_catalogue
@@ -69,6 +70,7 @@ def report(
     val_accuracy: float | None = 0.5,
     point: bool = False,
     answers: Iterable[DecisionTaken] = (),
+    train_loss: float | None = None,
 ) -> TelemetryReport:
     """A report; `point`: a decision point (the job waits for the answer), carrying the job's
     `answers` to the decisions it executed since its previous report."""
@@ -77,6 +79,7 @@ def report(
         epoch=epoch,
         step=step if step is not None else (epoch + 1) * STEPS_PER_EPOCH,
         kind=kind,  # type: ignore[arg-type]
+        train_loss=train_loss,
         val_loss=val_loss,
         val_accuracy=val_accuracy,
         layers=list(default_layers() if layers is None else layers),
@@ -84,6 +87,15 @@ def report(
         decision_point=point,
         answers=list(answers),
     )
+
+
+def on_the_wire(message: Message) -> Message:
+    """What a job sends: a report that asks nothing and carries no answers goes out as a v1
+    report — from a job before decision points, the only report Tamiyo decides on unasked (a
+    v2 report that asks nothing is recorded only). Everything else as it is."""
+    if isinstance(message, TelemetryReport) and not message.decision_point and not message.answers:
+        return TelemetryReportV1(**message.model_dump(exclude={"decision_point", "answers"}))
+    return message
 
 
 def seed(
@@ -223,7 +235,7 @@ class Harness:
         self.running.remove(controller)
 
     async def send(self, message: Message) -> Envelope:
-        envelope = Envelope.wrap(message, source="tolaria")
+        envelope = Envelope.wrap(on_the_wire(message), source="tolaria")
         await self.producer.publish(envelope)
         return envelope
 
@@ -264,3 +276,15 @@ async def until(check: Callable[[], Awaitable[Any]], timeout_s: float = 10.0) ->
             return result
         await asyncio.sleep(0.02)
     raise AssertionError(f"not within {timeout_s} s")
+
+
+async def handle(controller: Controller, message: Message, age_s: float = 0.0) -> None:
+    """Hand one message to the controller as its consumer would, without the consumer: the test
+    decides the order in which the two streams are read (and how old a message is)."""
+    envelope = Envelope.wrap(on_the_wire(message), source="tolaria")
+    envelope = envelope.model_copy(update={"ts": envelope.ts - age_s})
+    delivery = Delivery(envelope, message, message.TOPIC, "s", "0-0", 1, "tamiyo", "c")
+    if isinstance(message, TelemetryReport):
+        await controller._on_report(delivery)
+    else:
+        await controller._on_event(delivery)

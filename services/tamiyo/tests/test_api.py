@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from tamiyo_helpers import report, seed
+from tamiyo_helpers import on_the_wire, report, seed
 
 from esper.bus import FIELD
 from esper.contracts import ControlDecision, Envelope, Message
@@ -30,7 +30,7 @@ def send(bus: redis.Redis, bus_prefix: str, tamiyo: ServiceProcess) -> Send:
     """Publish a message on its topic the way a producer does (one `envelope` field)."""
 
     def publish(message: Message) -> Envelope:
-        envelope = Envelope.wrap(message, source="tolaria")
+        envelope = Envelope.wrap(on_the_wire(message), source="tolaria")
         bus.xadd(f"{bus_prefix}:{envelope.topic}", {FIELD: envelope.encode()})
         return envelope
 
@@ -70,6 +70,7 @@ def test_policy_defaults_come_from_the_environment(client: httpx.Client) -> None
     assert body["source"] in ("defaults", "stored")
     if body["source"] == "defaults":
         assert body["policy"]["warmup_epochs"] == 1 and body["policy"]["patience"] == 2
+        assert body["policy"]["train_stall_delta"] == 0.02
         assert body["policy"]["strategy"] == "diversify"
 
 
@@ -79,6 +80,11 @@ def test_policy_defaults_come_from_the_environment(client: httpx.Client) -> None
         ({"patience": -1}, "patience"),
         ({"max_seeds_per_job": -1}, "max_seeds_per_job"),
         ({"keep_threshold": 2}, "keep_threshold"),
+        ({"overfit_patience": 0}, "overfit_patience"),
+        ({"train_stall_epochs": 65}, "train_stall_epochs"),
+        ({"train_stall_delta": -0.1}, "train_stall_delta"),
+        ({"max_unpaid_germinations": 0}, "max_unpaid_germinations"),
+        ({"rejudge_epochs": 0}, "rejudge_epochs"),
         ({"blueprints": ["wide_mlp", "wide_mlp"]}, "blueprints"),
         ({"strategy": "random"}, "strategy"),
         ({"retire_everything": True}, "retire_everything"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import redis as sync_redis
-from tamiyo_helpers import FAST, Harness, report, running, seed, taken, until
+from tamiyo_helpers import FAST, Harness, on_the_wire, report, running, seed, taken, until
 
 from esper.bus import Delivery
 from esper.contracts import ControlDecision, Envelope
@@ -64,7 +64,7 @@ async def test_a_redelivered_trigger_publishes_nothing_new(harness: Harness) -> 
     controller = harness.controller(start=False)
     for epoch in range(3):
         message = report("job-b", epoch, 0.69)
-        envelope = Envelope.wrap(message, source="tolaria")
+        envelope = Envelope.wrap(on_the_wire(message), source="tolaria")
         delivery = Delivery(envelope, message, "telemetry", "s", f"{epoch}-0", 1, "tamiyo", "c")
         await controller._on_report(delivery)
     await controller._on_report(delivery)  # the redelivery of epoch 2, the trigger
@@ -104,13 +104,30 @@ async def test_an_old_report_is_recorded_but_not_acted_on(harness: Harness) -> N
     """A backlog read after an outage: the job has moved on since these were sent."""
     harness.controller()
     for epoch in range(4):
-        envelope = Envelope.wrap(report("job-old", epoch, 0.69), source="tolaria")
+        envelope = Envelope.wrap(on_the_wire(report("job-old", epoch, 0.69)), source="tolaria")
         await harness.producer.publish(envelope.model_copy(update={"ts": time.time() - 3600}))
     state = await settle(harness, "job-old", 3)
     assert state.stale_epochs == 3 and "s old: recorded only" in state.note
     await harness.send(report("job-old", 4, 0.69))  # fresh: the plateau it shows is acted on
     [decision] = await decisions_of(harness, "job-old")
     assert decision.action == "germinate"
+
+
+async def test_a_report_that_asks_nothing_is_never_decided_on(harness: Harness) -> None:
+    """A job that decides at points but did not ask (a fixed schedule's, or its last epoch):
+    the same plateau that gets a v1 job a germination gets it nothing — a decision sent unasked
+    would reach the job as an operator's."""
+    harness.controller()
+    for epoch in range(5):
+        envelope = Envelope.wrap(report("job-asks-nothing", epoch, 0.69), source="tolaria")
+        assert envelope.version == 2
+        await harness.producer.publish(envelope)
+    state = await settle(harness, "job-asks-nothing", 4)
+    assert "asks nothing: recorded only" in state.note and state.stale_epochs == 4
+    await flat_job(harness, "job-v1", range(5))  # the control: v1 reports of the same job
+    [decision] = await decisions_of(harness, "job-v1")
+    assert decision.action == "germinate"
+    assert [d for _, d in await harness.control() if d.job_id == "job-asks-nothing"] == []
 
 
 async def test_events_of_a_job_never_seen_create_no_state(harness: Harness) -> None:

@@ -6,19 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from tamiyo_helpers import Harness, report, seed, taken, transition, until
+from tamiyo_helpers import Harness, handle, report, seed, taken, transition, until
 
-from esper.bus import Delivery
 from esper.contracts import (
     ControlAnswer,
     ControlDecision,
     DecisionTaken,
-    Envelope,
     Message,
     TelemetryReport,
     TelemetryReportV1,
 )
-from tamiyo.controller import Controller, derive_decision_id
+from tamiyo.controller import derive_decision_id
 from tamiyo.tracking import MAX_ANSWERS
 
 
@@ -28,18 +26,6 @@ async def answers_of(h: Harness, job_id: str, n: int) -> list[ControlAnswer]:
         return found if len(found) >= n else None
 
     return list(await until(enough))
-
-
-async def handle(controller: Controller, message: Message, age_s: float = 0.0) -> None:
-    """Hand one message to the controller as its consumer would, without the consumer: the test
-    decides the order in which the two streams are read (and how old a message is)."""
-    envelope = Envelope.wrap(message, source="tolaria")
-    envelope = envelope.model_copy(update={"ts": envelope.ts - age_s})
-    delivery = Delivery(envelope, message, message.TOPIC, "s", "0-0", 1, "tamiyo", "c")
-    if isinstance(message, TelemetryReport):
-        await controller._on_report(delivery)
-    else:
-        await controller._on_event(delivery)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -466,3 +466,18 @@ def test_cifar_needs_a_batch(tmp_path: Path) -> None:
     (tmp_path / "test_batch").write_bytes(b"")
     err = spec_error(FileData(kind="cifar10", path="."), tmp_path)
     assert "file not found" in err.message and "data_batch_1" in err.message
+
+
+@pytest.mark.parametrize("cells", [2, 4, 8, 16])
+def test_a_checkerboard_of_n_cells_alternates_colour_from_cell_to_cell(cells: int) -> None:
+    x, y = synthetic(SyntheticData(kind="checkerboard", samples=20_000, noise=0.0, cells=cells))
+    column = np.floor((x[:, 0] + 2.0) * cells / 4.0).astype(int)
+    row = np.floor((x[:, 1] + 2.0) * cells / 4.0).astype(int)
+    assert column.min() == row.min() == 0 and column.max() == row.max() == cells - 1
+    assert ((column + row) % 2 == y).all()  # one colour a cell, the neighbours the other
+    assert abs(float(y.mean()) - 0.5) < 0.02
+
+
+def test_only_a_checkerboard_has_cells() -> None:
+    with pytest.raises(ValidationError, match="only checkerboard takes `cells`"):
+        SyntheticData(kind="moons", cells=8)

@@ -23,7 +23,7 @@ def test_example_job_specs_validate_and_build(path: Path, tmp_path: Path) -> Non
 
 def test_the_readme_job_spec_validates(tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```yaml\n(name: spirals-growth.*?)```", readme, re.S)
+    block = re.search(r"```yaml\n(name: circles-growth.*?)```", readme, re.S)
     assert block is not None, "the README's job spec block is gone"
     text = "\n".join(line for line in block.group(1).splitlines() if not line.startswith("#"))
     check_spec(JobSpec.from_yaml(text), tmp_path)

@@ -126,7 +126,7 @@ def test_yaml_over_the_node_and_depth_limits_is_refused(
 
 def test_the_example_yaml_is_accepted(api: httpx.Client) -> None:
     root = Path(__file__).resolve().parents[3]
-    body = (root / "examples" / "jobs" / "spirals.yaml").read_bytes()
+    body = (root / "examples" / "jobs" / "circles.yaml").read_bytes()
     resp = api.post("/jobs", content=body, headers={"Content-Type": "application/yaml"})
     assert resp.status_code == 202, resp.text
     assert api.post("/jobs/" + resp.json()["job_id"] + "/stop").status_code == 200

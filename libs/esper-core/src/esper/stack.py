@@ -40,6 +40,20 @@ SERVICES: dict[str, ServiceInfo] = {
 }
 START_ORDER = ("urza", "tolaria", "tamiyo", "nissa")
 
+SHORT_JOB_POLICY: Mapping[str, str] = {
+    "TAMIYO_WARMUP_EPOCHS": "3",
+    "TAMIYO_PATIENCE": "2",
+    "TAMIYO_MIN_DELTA": "0.01",
+    "TAMIYO_EVALUATION_EPOCHS": "2",
+    "TAMIYO_RAMP_STEPS": "20",
+    "TAMIYO_RETIRE_RAMP_STEPS": "20",
+    "TAMIYO_COOLDOWN_EPOCHS": "1",
+    "TAMIYO_KEEP_THRESHOLD": "0.02",
+}
+"""Tamiyo's documented defaults are sized for jobs of tens of epochs; these shrink the warm-up,
+the windows and the ramps to jobs of 16–30 epochs (the demo, the closed-loop test, the
+adaptation benchmark). A seed must add two points of validation accuracy to stay."""
+
 
 class LocalStack:
     """`services` in start order (Urza first: Tolaria compiles through it). `fixed_ports` uses

@@ -18,6 +18,10 @@ from esper.contracts.control import Strategy
 
 LayerSignal = Literal["gradient", "activation_variance"]
 
+MAX_WINDOW = 64
+"""The longest loss window (overfit_patience, train_stall_epochs): the job's state keeps that
+many epochs of losses, at most, in every job's state."""
+
 PREFERENCE: tuple[str, ...] = (
     "residual_mlp",
     "wide_mlp",
@@ -56,7 +60,8 @@ class PolicyConfig(BaseModel):
         default=0.005,
         ge=0.0,
         le=1e9,
-        description="a val_loss counts as a new best only when it beats the best by more than this",
+        description="absolute, in the val_loss's own units: a val_loss counts as a new best only "
+        "when it beats the best by more than this",
     )
     layer_signal: LayerSignal = Field(
         default="gradient",
@@ -66,8 +71,8 @@ class PolicyConfig(BaseModel):
         default=0.5,
         ge=0.0,
         lt=1.0,
-        description="weight of the running average when a new layer measurement arrives "
-        "(0: only the latest report counts)",
+        description="a fraction in [0, 1): weight of the running average when a new layer "
+        "measurement arrives (0: only the latest report counts)",
     )
     skip_output_layer: bool = Field(
         default=True,
@@ -88,7 +93,10 @@ class PolicyConfig(BaseModel):
         default=None, description="blend of germinated seeds (null: the blueprint's default_blend)"
     )
     ramp_steps: int = Field(
-        default=100, ge=1, le=1_000_000, description="steps over which α ramps up at germination"
+        default=100,
+        ge=1,
+        le=1_000_000,
+        description="training steps over which α ramps up at germination",
     )
     target_alpha: float = Field(
         default=1.0, gt=0.0, le=1.0, description="the α a germinated seed ramps to"
@@ -103,17 +111,21 @@ class PolicyConfig(BaseModel):
         default=0.01,
         ge=-1.0,
         le=1.0,
-        description="keep a seed whose measured contribution (validation accuracy with the seed "
-        "minus with its α forced to 0) is at least this; retire it otherwise",
+        description="validation accuracy, a fraction (0.01: one point): keep a seed whose "
+        "measured contribution (validation accuracy with the seed minus with its α forced to 0) "
+        "is at least this; retire it otherwise",
     )
     retire_ramp_steps: int = Field(
-        default=50, ge=0, le=1_000_000, description="steps over which α ramps to 0 at retirement"
+        default=50,
+        ge=0,
+        le=1_000_000,
+        description="training steps over which α ramps to 0 at retirement",
     )
     cooldown_epochs: int = Field(
         default=2,
         ge=0,
         le=100_000,
-        description="epochs without germination after a retirement or a refused germination",
+        description="epoch reports without germination after a retirement or a refused germination",
     )
     retry_cooldown_epochs: int = Field(
         default=1,
@@ -142,6 +154,62 @@ class PolicyConfig(BaseModel):
         le=100_000,
         description="a germination the job has not answered after this many epoch reports is "
         "given up (so a lost message cannot block the job for ever)",
+    )
+    overfit_patience: int = Field(
+        default=3,
+        ge=1,
+        le=MAX_WINDOW,
+        description="epoch reports (a window): the job overfits when, over this many epoch "
+        "reports, its val_loss rose and its train_loss fell and the gap between them widened "
+        "by more than overfit_gap; no germination while it overfits",
+    )
+    overfit_gap: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1e6,
+        description="relative, a fraction of the val_loss where the rise began: how much the "
+        "gap val_loss − train_loss must widen over overfit_patience epoch reports to count as "
+        "overfitting (0.1: by a tenth of that val_loss)",
+    )
+    train_stall_epochs: int = Field(
+        default=5,
+        ge=1,
+        le=MAX_WINDOW,
+        description="epoch reports (a window): a train_loss that improved by less than "
+        "train_stall_delta over this many epoch reports since the model last changed has "
+        "stalled: the job underfits and may grow before its val_loss plateaus",
+    )
+    train_stall_delta: float = Field(
+        default=0.03,
+        ge=0.0,
+        le=1.0,
+        description="relative, a fraction of the train_loss at the start of the window: the "
+        "least improvement over train_stall_epochs epoch reports that is not a stall "
+        "(0.03: 3 %; 0: only a train_loss that rose is a stall)",
+    )
+    max_unpaid_germinations: int = Field(
+        default=3,
+        ge=1,
+        le=100_000,
+        description="germinations in a row (counted at their verdicts) that did not pay — "
+        "retired, or kept with a contribution below keep_threshold — after which Tamiyo stops "
+        "germinating for the job; a germination that pays resets the count",
+    )
+    rejudge_threshold: float = Field(
+        default=0.005,
+        ge=-1.0,
+        le=1.0,
+        description="validation accuracy (a fraction, like keep_threshold): a kept seed whose "
+        "measured contribution stays below this for rejudge_epochs epoch reports in a row no "
+        "longer pays and is retired",
+    )
+    rejudge_epochs: int = Field(
+        default=3,
+        ge=1,
+        le=100_000,
+        description="epoch reports in a row with a kept seed's measured contribution below "
+        "rejudge_threshold before it is retired (a report without a measurement neither counts "
+        "nor breaks the run)",
     )
 
     @field_validator("blueprints")

@@ -145,6 +145,8 @@ class Controller:
         catalogue, source = await self.catalogue.entries()
         trigger = delivery.envelope.id
         age = time.time() - delivery.envelope.ts
+        # Only a v1 report (a job from before decision points) is decided on unasked.
+        asks_nothing = delivery.envelope.version >= 2
 
         def mutate(stored: JobState | None, config: PolicyConfig) -> Change | None:
             state = stored if stored is not None else tracking.new_state(report.job_id)
@@ -152,7 +154,12 @@ class Controller:
             if not tracking.ingest_report(state, report, config, kinds):
                 return Change(state) if answered else None
             proposals: list[Proposal] = []
-            if report.kind == "epoch" and age > self.max_report_age_s:
+            if report.kind == "epoch" and asks_nothing:
+                # A job that decides at points and did not ask here (its last epoch; or its
+                # decisions come from a fixed schedule): Tamiyo decides only when asked, and a
+                # decision sent unasked would reach the job as an operator's.
+                state.note = f"epoch {report.epoch} report asks nothing: recorded only"
+            elif report.kind == "epoch" and age > self.max_report_age_s:
                 # A backlog (Tamiyo was down, or a new group reads old history): the job has
                 # moved on since, so the report is recorded but not acted on.
                 state.note = f"epoch {report.epoch} report is {age:.0f} s old: recorded only"

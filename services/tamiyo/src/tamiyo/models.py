@@ -103,6 +103,11 @@ class SeedTrack(_State):
         "ended before Tamiyo learned the seed's target is still dated right",
     )
     last_step: int | None = Field(default=None, description="step of the last transition applied")
+    low_epochs: int = Field(
+        default=0,
+        description="kept: epoch reports in a row since its keep whose measured contribution "
+        "was below rejudge_threshold",
+    )
 
 
 class Pending(_State):
@@ -122,6 +127,9 @@ class Pending(_State):
         "could not apply it for a cause that may pass",
     )
     stale_epochs: int = 0
+    model_epoch: int | None = Field(
+        default=None, description="the model's last change when it was published (see JobState)"
+    )
 
 
 class BlueprintRecord(_State):
@@ -133,6 +141,28 @@ class BlueprintRecord(_State):
     retired: int = 0
     best_contribution: float | None = None
     last_contribution: float | None = None
+
+
+class EpochLosses(_State):
+    """One epoch report's losses (None: not measured)."""
+
+    epoch: int
+    train_loss: float | None
+    val_loss: float | None
+
+
+class Overfit(_State):
+    """Why Tamiyo holds the job overfitting: over `epochs` epoch reports up to `epoch`, the
+    val_loss rose from `val_from` and the train_loss fell from `train_from`, and the gap between
+    them widened. It stands until the val_loss comes back down to `val_from`."""
+
+    since_epoch: int = Field(description="the epoch report that found it")
+    epochs: int = Field(description="the window it was found over (overfit_patience)")
+    val_from: float
+    train_from: float
+    epoch: int = Field(description="the latest epoch report, which it still stands at")
+    val_loss: float
+    train_loss: float | None
 
 
 class JobState(_State):
@@ -154,6 +184,23 @@ class JobState(_State):
     val_accuracy: float | None = None
     best_val_loss: float | None = None
     stale_epochs: int = Field(default=0, description="epoch reports since the last new best")
+    losses: list[EpochLosses] = Field(
+        default_factory=list,
+        description="the last epoch reports' losses (as many as the longer loss window needs)",
+    )
+    model_epoch: int | None = Field(
+        default=None,
+        description="the epoch report after which the model last changed (a germination or a "
+        "verdict): the train_loss stall is measured from it",
+    )
+    overfit: Overfit | None = Field(
+        default=None, description="the job overfits: no germination while this stands"
+    )
+    unpaid_germinations: int = Field(
+        default=0,
+        description="germinations in a row, by their verdicts, that did not pay (retired, or "
+        "kept below keep_threshold); at max_unpaid_germinations Tamiyo stops growing the job",
+    )
     layers: dict[str, LayerView] = Field(default_factory=dict)
     seeds: list[SeedTrack] = Field(default_factory=list)
     pending: Pending | None = None

@@ -9,12 +9,15 @@ The heuristic policy, at each epoch report of a job:
 
 1. judges a seed it (or an operator) germinated once the seed has trained `evaluation_epochs`
    epochs at its full α: keep when its measured contribution is at least `keep_threshold`,
-   retire otherwise;
+   retire otherwise; and judges a kept seed again, retiring it when its contribution stays
+   below `rejudge_threshold` for `rejudge_epochs` epoch reports in a row;
 2. otherwise germinates when every gate is open: the job is known and running with
-   morphogenesis on, past `warmup_epochs`, no germination in flight, not cooling down, under
-   its seed caps, and its val_loss has plateaued (`patience`, `min_delta`). The layer is the
-   best ranked by the layer signal that has a free slot and a blueprint that fits; the
-   blueprint is picked by strategy.
+   morphogenesis on, past `warmup_epochs`, no germination in flight, growth still paying (fewer
+   than `max_unpaid_germinations` unpaid in a row), not cooling down, under its seed caps, not
+   overfitting (fitting.py), and it underfits: its val_loss has plateaued (`patience`,
+   `min_delta`) or its train_loss has stalled (`train_stall_epochs`, `train_stall_delta`).
+   The layer is the best ranked by the layer signal that has a free slot and a blueprint that
+   fits; the blueprint is picked by strategy.
 
 Each proposal says why, with the evidence that triggered it.
 """
@@ -29,8 +32,9 @@ from esper.contracts import Action, Blend, Message, Scalar, TelemetryReport
 from esper.contracts.control import Strategy
 from tamiyo.choice import BlueprintInfo, choose_blueprint, rank_layers
 from tamiyo.config import PolicyConfig
+from tamiyo.fitting import Stall, overfit_note, train_progress, train_stall
 from tamiyo.models import JobState, SeedTrack
-from tamiyo.tracking import under_evaluation
+from tamiyo.tracking import judged_by_tamiyo, under_evaluation
 
 
 @dataclass(frozen=True)
@@ -83,16 +87,18 @@ class HeuristicPolicy(Policy):
             state.note = blocked
             return []
         verdict = self._judge(state, report, config)
+        verdicts = [verdict] if isinstance(verdict, Proposal) else []
+        verdicts += _rejudge(state, report, config)
+        if verdicts:
+            return verdicts
         if isinstance(verdict, str):
             state.note = verdict
             return []
-        if verdict is not None:
-            return [verdict]
         gate = self._gate(state, report, config)
-        if gate is not None:
+        if isinstance(gate, str):
             state.note = gate
             return []
-        return self._germinate(state, report, context)
+        return self._germinate(state, report, context, gate)
 
     # ------------------------------------------------------------------ gates
     @staticmethod
@@ -109,8 +115,9 @@ class HeuristicPolicy(Policy):
         return None
 
     @staticmethod
-    def _gate(state: JobState, report: TelemetryReport, config: PolicyConfig) -> str | None:
-        """Why not germinate now, or None when every gate is open."""
+    def _gate(state: JobState, report: TelemetryReport, config: PolicyConfig) -> str | Stall | None:
+        """Why not germinate now; else what calls for growth: the plateau (None) or a stalled
+        train_loss."""
         epoch = report.epoch
         if state.morphogenesis_off:
             return "the job refused a germination: its morphogenesis is off"
@@ -123,6 +130,13 @@ class HeuristicPolicy(Policy):
             )
         if epoch < config.warmup_epochs:
             return f"warming up: epoch {epoch} < warmup_epochs {config.warmup_epochs}"
+        if state.unpaid_germinations >= config.max_unpaid_germinations:
+            return (
+                f"growth stopped: the last {state.unpaid_germinations} germinations did not pay "
+                f"(retired, or kept below keep_threshold {config.keep_threshold}); "
+                f"max_unpaid_germinations {config.max_unpaid_germinations} reached, no more "
+                "germination for this job"
+            )
         if state.cooldown_until is not None and epoch <= state.cooldown_until:
             return f"cooling down until after epoch {state.cooldown_until}"
         live = state.live_seeds()
@@ -132,12 +146,18 @@ class HeuristicPolicy(Policy):
             return f"{live} live seeds: the job's own max_seeds ({state.seed_cap}) reached"
         if report.val_loss is None:
             return "val_loss not measured in this report: no plateau decision on a missing value"
-        if state.stale_epochs < config.patience:
-            return (
-                f"no plateau: {state.stale_epochs} of {config.patience} epochs without a val_loss "
-                f"better than {state.best_val_loss} by {config.min_delta}"
-            )
-        return None
+        if state.overfit is not None:
+            return overfit_note(state.overfit)
+        if state.stale_epochs >= config.patience:
+            return None
+        stall = train_stall(state, config)
+        if stall is not None:
+            return stall
+        return (
+            f"no plateau: {state.stale_epochs} of {config.patience} epochs without a val_loss "
+            f"better than {state.best_val_loss} by {config.min_delta}; "
+            f"{train_progress(state, config)}"
+        )
 
     # -------------------------------------------------------------- verdicts
     @staticmethod
@@ -188,12 +208,15 @@ class HeuristicPolicy(Policy):
 
     # ----------------------------------------------------------- germination
     @staticmethod
-    def _germinate(state: JobState, report: TelemetryReport, context: Context) -> list[Proposal]:
+    def _germinate(
+        state: JobState, report: TelemetryReport, context: Context, stall: Stall | None
+    ) -> list[Proposal]:
         config = context.config
+        why = "plateau" if stall is None else "train_loss stalled"
         ranking = rank_layers(state, config)
         if not ranking.layers:
-            excluded = ", ".join(f"{n}: {why}" for n, why in ranking.excluded.items())
-            state.note = f"plateau, but no layer can take a seed ({excluded or 'no layers seen'})"
+            excluded = ", ".join(f"{n}: {cause}" for n, cause in ranking.excluded.items())
+            state.note = f"{why}, but no layer can take a seed ({excluded or 'no layers seen'})"
             return []
         for position, ranked in enumerate(ranking.layers):
             kind = state.layers[ranked.name].kind
@@ -220,10 +243,19 @@ class HeuristicPolicy(Policy):
                 "catalogue": context.catalogue_source,
                 "live_seeds": state.live_seeds(),
                 "max_seeds_per_job": config.max_seeds_per_job,
+                "train_loss": report.train_loss,
+                "growth_trigger": "plateau" if stall is None else "train_stall",
+                "unpaid_germinations": state.unpaid_germinations,
             }
+            if stall is not None:
+                evidence |= {
+                    "train_loss_from": stall.train_from,
+                    "train_stall_epochs": stall.epochs,
+                    "train_improvement": stall.improvement,
+                    "train_stall_delta": config.train_stall_delta,
+                }
             reason = (
-                f"val_loss plateaued ({state.stale_epochs} epochs without beating "
-                f"{state.best_val_loss} by {config.min_delta}); layer {ranked.name!r} ranks "
+                f"{_trigger(state, config, stall)}; layer {ranked.name!r} ranks "
                 f"{'first' if position == 0 else f'#{position + 1}'} by {ranking.signal} "
                 f"({ranked.score:.4g}); blueprint {blueprint.name} — {choice.why}"
             )
@@ -241,8 +273,67 @@ class HeuristicPolicy(Policy):
                     evidence=evidence,
                 )
             ]
-        state.note = "plateau, but no blueprint fits the candidate layers (or all are penalised)"
+        state.note = f"{why}, but no blueprint fits the candidate layers (or all are penalised)"
         return []
+
+
+def _trigger(state: JobState, config: PolicyConfig, stall: Stall | None) -> str:
+    if stall is None:
+        return (
+            f"val_loss plateaued ({state.stale_epochs} epochs without beating "
+            f"{state.best_val_loss} by {config.min_delta})"
+        )
+    return (
+        f"underfitting: train_loss stalled ({stall.train_from:.4g} → {stall.train_to:.4g}, "
+        f"{stall.improvement:.1%} over {stall.epochs} epochs < train_stall_delta "
+        f"{config.train_stall_delta:.1%}) and not overfitting, before any val_loss plateau "
+        f"({state.stale_epochs} of {config.patience} epochs)"
+    )
+
+
+def _rejudge(state: JobState, report: TelemetryReport, config: PolicyConfig) -> list[Proposal]:
+    """Retire every kept seed whose measured contribution stayed below rejudge_threshold for
+    rejudge_epochs epoch reports in a row, this one included: capacity that stopped paying."""
+    out = []
+    for track in sorted(state.seeds, key=lambda t: (t.layer, t.seed)):
+        if not (
+            track.verdict == "keep"
+            and judged_by_tamiyo(track)
+            and track.state == "ACTIVE"
+            and track.contribution is not None
+            and track.contribution_epoch == report.epoch
+            and track.low_epochs >= config.rejudge_epochs
+        ):
+            continue
+        evidence: dict[str, Scalar] = {
+            "contribution": track.contribution,
+            "rejudge_threshold": config.rejudge_threshold,
+            "rejudge_epochs": config.rejudge_epochs,
+            "low_epochs": track.low_epochs,
+            "kept_epoch": track.verdict_epoch,
+            "epoch": report.epoch,
+            "blueprint": track.blueprint,
+            "kernel_id": track.kernel_id,
+            "val_accuracy": report.val_accuracy,
+            "val_loss": report.val_loss,
+        }
+        reason = (
+            f"seed {track.seed} of layer {track.layer!r} ({track.blueprint or track.kernel_id}), "
+            f"kept at epoch {track.verdict_epoch}, contributed below rejudge_threshold "
+            f"{config.rejudge_threshold} for {track.low_epochs} epoch reports in a row "
+            f"(now {track.contribution:+.4f} validation accuracy): it no longer pays"
+        )
+        out.append(
+            Proposal(
+                "retire",
+                track.layer,
+                reason,
+                seed=track.seed,
+                ramp_steps=config.retire_ramp_steps,
+                evidence=evidence,
+            )
+        )
+    return out
 
 
 def _progress(track: SeedTrack, config: PolicyConfig) -> str:

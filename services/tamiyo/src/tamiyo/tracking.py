@@ -40,6 +40,7 @@ from esper.contracts import (
     TelemetryReport,
 )
 from esper.contracts.jobs import HostKind
+from tamiyo import fitting
 from tamiyo.config import PolicyConfig
 from tamiyo.models import BlueprintRecord, JobState, LayerView, Origin, Pending, SeedTrack
 
@@ -69,7 +70,7 @@ def ingest_report(
     if report.decision_point and not state.points:
         _enter_points(state)
     _layers(state, report, config)
-    _seeds(state, report, kernel_kinds)
+    _seeds(state, report, kernel_kinds, config)
     if report.decision_point or report.kind == "epoch":
         _departures(state, report)
     if report.kind == "step":
@@ -79,6 +80,7 @@ def ingest_report(
     if report.epoch == 0:
         state.known = True  # a job seen from its first report has been seen start
     _plateau(state, report, config)
+    fitting.record(state, report, config)
     _ramps(state, report)
     _expire_pending(state, config)
     return True
@@ -147,7 +149,12 @@ def _smooth(previous: float | None, value: float, keep: float) -> float:
     return value if previous is None else keep * previous + (1.0 - keep) * value
 
 
-def _seeds(state: JobState, report: TelemetryReport, kernel_kinds: Mapping[str, HostKind]) -> None:
+def _seeds(
+    state: JobState,
+    report: TelemetryReport,
+    kernel_kinds: Mapping[str, HostKind],
+    config: PolicyConfig,
+) -> None:
     for stats in report.seeds:
         track = state.track(stats.layer, stats.seed)
         if track is not None and _other_kernel(track.kernel_id, stats.kernel_id):
@@ -156,14 +163,16 @@ def _seeds(state: JobState, report: TelemetryReport, kernel_kinds: Mapping[str, 
         if track is None:
             track = SeedTrack(layer=stats.layer, seed=stats.seed, state=stats.state)
             state.seeds.append(track)
-        _update(track, stats, report)
+        _update(track, stats, report, config)
         layer = state.layers.get(stats.layer)
         kind = kernel_kinds.get(stats.kernel_id) if stats.kernel_id else None
         if layer is not None and layer.kind is None and kind is not None:
             layer.kind = kind
 
 
-def _update(track: SeedTrack, stats: SeedStats, report: TelemetryReport) -> None:
+def _update(
+    track: SeedTrack, stats: SeedStats, report: TelemetryReport, config: PolicyConfig
+) -> None:
     track.state = stats.state
     track.alpha = stats.alpha
     track.kernel_id = stats.kernel_id or track.kernel_id
@@ -176,6 +185,11 @@ def _update(track: SeedTrack, stats: SeedStats, report: TelemetryReport) -> None
         if stats.contribution is not None:
             track.contribution = stats.contribution
             track.contribution_epoch = report.epoch
+            if track.verdict == "keep":
+                # A kept seed is watched on: a run of low measurements judges it again. An
+                # unmeasured epoch neither counts nor breaks the run.
+                low = stats.contribution < config.rejudge_threshold
+                track.low_epochs = track.low_epochs + 1 if low else 0
 
 
 def _other_kernel(tracked: str | None, reported: str | None) -> bool:
@@ -195,9 +209,11 @@ def _plateau(state: JobState, report: TelemetryReport, config: PolicyConfig) -> 
 
 
 def restart_plateau(state: JobState) -> None:
-    """After a germination or a verdict the model is a new one: a plateau must form anew."""
+    """After a germination or a verdict the model is a new one: a plateau must form anew, and
+    a train_loss stall is measured from here."""
     state.best_val_loss = state.val_loss
     state.stale_epochs = 0
+    state.model_epoch = state.last_epoch
 
 
 def _departures(state: JobState, report: TelemetryReport) -> None:
@@ -395,6 +411,7 @@ def _not_now(state: JobState, pending: Pending, event: DecisionTaken, config: Po
         # Reports read since the germination went on counting from its restart: add them.
         state.best_val_loss = before
         state.stale_epochs = pending.stale_epochs + state.stale_epochs
+    state.model_epoch = pending.model_epoch  # the model did not change
     state.cooldown_until = (state.last_epoch if state.last_epoch is not None else -1) + (
         config.retry_cooldown_epochs
     )
@@ -405,15 +422,15 @@ def _not_now(state: JobState, pending: Pending, event: DecisionTaken, config: Po
 
 
 def under_evaluation(state: JobState) -> SeedTrack | None:
-    """The seed in flight: grown from a blueprint by Tamiyo or an operator, not judged yet. A
-    kernel an operator hot-swapped in (no blueprint) is the operator's to judge."""
-    waiting = [
-        t
-        for t in state.seeds
-        if t.verdict is None
-        and (t.origin == "tamiyo" or (t.origin == "operator" and t.blueprint is not None))
-    ]
+    """The seed in flight: grown from a blueprint by Tamiyo or an operator, not judged yet."""
+    waiting = [t for t in state.seeds if t.verdict is None and judged_by_tamiyo(t)]
     return min(waiting, key=lambda t: (t.layer, t.seed)) if waiting else None
+
+
+def judged_by_tamiyo(track: SeedTrack) -> bool:
+    """Grown from a blueprint by Tamiyo or an operator. A kernel an operator hot-swapped in (no
+    blueprint) is the operator's to judge."""
+    return track.origin == "tamiyo" or (track.origin == "operator" and track.blueprint is not None)
 
 
 # ------------------------------------------------------------------ decisions
@@ -434,6 +451,7 @@ def register_decision(
             target_alpha=decision.alpha if decision.alpha is not None else 1.0,
             best_val_loss=state.best_val_loss,
             stale_epochs=state.stale_epochs,
+            model_epoch=state.model_epoch,
         )
         state.germinations += 1
         if decision.blueprint is not None:
@@ -460,7 +478,10 @@ def _judged(
         return
     if track.origin == "unknown":
         track.origin = "operator"  # an operator's verdict adopts a seed Tamiyo did not know
+    if track.verdict is None and track.decision_id is not None and track.blueprint is not None:
+        _count_payment(state, track, decision, config)
     track.verdict = "keep" if decision.action == "keep" else "retire"
+    track.low_epochs = 0
     track.verdict_epoch = epoch
     restart_plateau(state)
     if track.blueprint is not None:
@@ -480,3 +501,18 @@ def _judged(
         layer = state.layers.get(track.layer)
         if layer is not None:
             layer.failures += 1
+
+
+def _count_payment(
+    state: JobState, track: SeedTrack, decision: ControlDecision, config: PolicyConfig
+) -> None:
+    """A germination's first verdict: did the capacity pay? Retired, or kept below
+    keep_threshold (an operator's keep), it did not; kept at or above it, it did and the run of
+    unpaid ones ends. A keep without a measurement says nothing either way."""
+    contribution = track.contribution
+    if decision.action == "retire" or (
+        contribution is not None and contribution < config.keep_threshold
+    ):
+        state.unpaid_germinations += 1
+    elif contribution is not None:
+        state.unpaid_germinations = 0

@@ -22,6 +22,11 @@ def path_for(work_dir: Path, job_id: str) -> Path:
     return work_dir / "jobs" / job_id / "checkpoint.pt"
 
 
+def best_path_for(work_dir: Path, job_id: str) -> Path:
+    """The weights of the job's best validation epoch (`training.keep_best`), same format."""
+    return work_dir / "jobs" / job_id / "best.pt"
+
+
 def save(path: Path, state: dict[str, Any]) -> None:
     """Atomically: a crash leaves the previous checkpoint intact."""
     atomic_write(path, lambda handle: torch.save({"format": FORMAT, **state}, handle))

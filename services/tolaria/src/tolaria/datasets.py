@@ -161,8 +161,8 @@ def synthetic(spec: SyntheticData) -> tuple[np.ndarray[Any, Any], np.ndarray[Any
     - circles: concentric circles of radius 1 (class 0) and 0.5; noise as above.
     - blobs: one Gaussian cluster per class in `features` dimensions, of std `noise` around a
       centre drawn from a standard normal (noise ≳ 0.5 makes clusters overlap).
-    - checkerboard: uniform on [-2, 2]², labelled by the colour of the unit cell (2 classes),
-      then noise as above.
+    - checkerboard: uniform on [-2, 2]², labelled by the colour of its cell in a board of
+      `cells` × `cells` (2 classes), then noise as above.
     """
     check_synthetic(spec)
     n, classes, noise = spec.samples, spec.classes, spec.noise
@@ -186,7 +186,10 @@ def synthetic(spec: SyntheticData) -> tuple[np.ndarray[Any, Any], np.ndarray[Any
         x = centres[y]
     else:
         x = rng.uniform(-2.0, 2.0, (n, 2))
-        y = (np.floor(x[:, 0]) + np.floor(x[:, 1])).astype(np.int64) % 2
+        cell = 4.0 / spec.cells
+        y = (np.floor((x[:, 0] + 2.0) / cell) + np.floor((x[:, 1] + 2.0) / cell)).astype(
+            np.int64
+        ) % 2
     x = x.astype(np.float32, copy=False)
     x += (noise * rng.standard_normal(x.shape, dtype=np.float32)).astype(np.float32)
     return x, y.astype(np.int64)

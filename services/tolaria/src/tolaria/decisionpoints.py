@@ -7,6 +7,9 @@ that came meanwhile are executed there too, after the controller's. Training nev
 decision at a step chosen by timing, so the same spec, data and seed give the same decisions at
 the same steps and the same metrics, on a loaded machine as on an idle one.
 
+With `morphogenesis.controller: schedule` the spec's schedule answers each point instead
+(schedule.py): nothing is waited for and no point is missed.
+
 A point that gets no answer (no controller alive, or none in time) is passed: the job goes on,
 emits `event.decision_point_missed`, and never applies a late answer.
 
@@ -33,6 +36,7 @@ from esper.contracts import (
 from esper.contracts.jobs import MorphogenesisSpec
 from esper.training import SeedOrchestrator
 from tolaria.runtime import JobRuntime
+from tolaria.schedule import scheduled_answer
 
 log = logging.getLogger("tolaria.job")
 
@@ -46,6 +50,7 @@ class DecisionPoints:
     ) -> None:
         self.runtime = runtime
         self.orchestrator = orchestrator
+        self.spec = spec
         self.timeout_s = spec.decision_timeout_s
         self.every_steps = spec.decide_every_steps
         self.open: TelemetryReport | None = None
@@ -62,9 +67,15 @@ class DecisionPoints:
         answers, self.unreported = self.unreported, []
         return answers
 
+    @property
+    def asks_controller(self) -> bool:
+        """Whether the points are questions to the controller on the bus (marked
+        `decision_point` in their reports); a schedule's are answered here, and a controller
+        that saw them marked would answer, and record decisions, for nothing."""
+        return self.spec.controller == "tamiyo"
+
     def ask(self, report: TelemetryReport) -> None:
-        """`report` (already queued for publishing) is a decision point to settle."""
-        assert report.decision_point, "only a decision-point report asks"
+        """`report` (already queued for publishing) is the decision point to settle."""
         self.open = report
 
     def settle(self, *, step: int, epoch: int) -> bool:
@@ -98,6 +109,9 @@ class DecisionPoints:
         self.runtime.release_decisions(released)
 
     def _answer(self, report: TelemetryReport) -> ControlAnswer | None:
+        if self.spec.controller == "schedule":
+            # No controller to ask: the spec's schedule answers at once, and never misses.
+            return scheduled_answer(self.spec, report)
         runtime = self.runtime
         started = time.monotonic()
         if not runtime.controller_alive():

@@ -34,6 +34,8 @@ from esper.kernels import tiered_cache
 from esper.morphable import MorphableModel
 from esper.training import SeedOrchestrator, TelemetryReporter
 from tolaria import checkpoint
+from tolaria.best import BestEpoch, summary
+from tolaria.compute import ComputeMeter
 from tolaria.datasets import DataSplits, load_dataset
 from tolaria.decisionpoints import DecisionPoints
 from tolaria.models import build_model, morphable_layers
@@ -108,7 +110,7 @@ class JobTrainer:
         self.device = pick_device(self.training.device)
         torch.manual_seed(self.training.seed)
         self.data: DataSplits = on_device(load_dataset(spec.dataset, data_dir), self.device)
-        model = build_model(spec.model, self.data.input_shape, self.data.classes).to(self.device)
+        model = self._build_host()
         self.loss_fn = nn.CrossEntropyLoss()
         settings = runtime.settings
         key = settings.kernel_signing_key
@@ -127,15 +129,7 @@ class JobTrainer:
         self.points: DecisionPoints | None = None
         self.urza: UrzaClient | None = None
         if self.morph.enabled:
-            layers = morphable_layers(model, self.morph)
-            # The bypass is safe here: the job builds the model and hooks only the Kasmina layers.
-            self.morphable = esper.wrap(
-                model,
-                seeds_per_layer=self.morph.seeds_per_layer,
-                layers=layers,
-                kernels=self.cache,
-                dormant_bypass=True,
-            )
+            self.morphable = self._wrap(model)
             self.model: nn.Module = self.morphable
             self.urza = self._urza_client()
         else:
@@ -167,6 +161,36 @@ class JobTrainer:
             )
         self.progress = Progress()
         self.metrics = JobMetrics()
+        self.best = BestEpoch(
+            checkpoint.best_path_for(work_dir, self.job_id),
+            keep=self.training.keep_best,
+            header=self._header,
+        )
+        self.compute = ComputeMeter(self.model, self.morphable, self.data.train_x[:1])
+        self._epoch_first_step = 0
+        self._charged = 0  # training samples of this epoch already charged to `compute`
+
+    def _build_host(self) -> nn.Module:
+        spec = self.spec
+        return build_model(spec.model, self.data.input_shape, self.data.classes).to(self.device)
+
+    def _wrap(self, model: nn.Module) -> MorphableModel:
+        # The bypass is safe here: the job builds the model and hooks only the Kasmina layers.
+        return esper.wrap(
+            model,
+            seeds_per_layer=self.morph.seeds_per_layer,
+            layers=morphable_layers(model, self.morph),
+            # The job's model's own cache once there is one: its kernels are the ones to load.
+            kernels=self.morphable.kernels if self.morphable is not None else self.cache,
+            dormant_bypass=True,
+        )
+
+    def fresh_model(self) -> nn.Module:
+        """A model of the job's build (wrapped like the job's) to load saved weights into;
+        built without touching the job's RNG stream."""
+        with torch.random.fork_rng(devices=[]):
+            model = self._build_host()
+            return self._wrap(model) if self.morph.enabled else model
 
     def cache_counters(self) -> dict[str, Any]:
         return {
@@ -200,17 +224,30 @@ class JobTrainer:
         if self.points is not None:
             self.points.load_state_dict(state.get("points"))
         self.progress = Progress(state["epoch"], state["step"], list(state["history"]))
-        self.metrics = JobMetrics.model_validate(state["metrics"])
+        self.best.load_state_dict(state.get("best"), self.progress.history)
+        metrics = JobMetrics.model_validate(state["metrics"])
+        self.compute.total = metrics.train_flops or 0.0
+        # The checkpoint after a decision point may predate it (it is saved again only when
+        # the point changed something): the parameters are counted from the restored model.
+        self.metrics = metrics.model_copy(update={"parameters": self.compute.parameters()})
         torch.set_rng_state(state["rng"])
         log.info("resumed from the checkpoint of epoch %d (step %d)", state["epoch"], state["step"])
         return True
+
+    def _header(self) -> dict[str, Any]:
+        """What a saved file needs to be loaded into a model of the job's build."""
+        return {
+            "job_id": self.job_id,
+            "spec": self.spec.model_dump(mode="json"),
+            "layers": self.morphable.layer_names() if self.morphable else [],
+            "seeds_per_layer": self.morph.seeds_per_layer,
+        }
 
     def save(self) -> None:
         checkpoint.save(
             self.checkpoint_path,
             {
-                "job_id": self.job_id,
-                "spec": self.spec.model_dump(mode="json"),
+                **self._header(),
                 "epoch": self.progress.epoch,
                 "step": self.progress.step,
                 "history": self.progress.history,
@@ -220,8 +257,7 @@ class JobTrainer:
                 "orchestrator": self.orchestrator.state_dict() if self.orchestrator else None,
                 "points": self.points.state_dict() if self.points else None,
                 "rng": torch.get_rng_state(),
-                "layers": self.morphable.layer_names() if self.morphable else [],
-                "seeds_per_layer": self.morph.seeds_per_layer,
+                "best": self.best.state_dict(),
             },
         )
 
@@ -240,11 +276,7 @@ class JobTrainer:
             train_loss, samples_per_s = self.train_epoch(epoch)
             self.end_epoch(epoch, train_loss, samples_per_s)
         self.refuse_waiting_decisions("job_finished", "the job has finished training")
-        test = self.evaluate(self.data.test_x, self.data.test_y) if len(self.data.test_y) else None
-        if test is not None:
-            self.metrics = self.metrics.model_copy(
-                update={"test_loss": _finite(test.loss), "test_accuracy": test.accuracy}
-            )
+        self.measure_test()
         if self.morph.publish_kernels:
             publish_trained_kernels(self)
 
@@ -266,6 +298,7 @@ class JobTrainer:
         # so there the losses stay on the device until the epoch ends.
         on_cpu = self.device.type == "cpu"
         total, losses, steps = 0.0, [], 0
+        self._epoch_first_step, self._charged = progress.step, 0
         generator = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
         order = torch.randperm(len(data.train_y), generator=generator).to(self.device)
         model.train()
@@ -327,12 +360,23 @@ class JobTrainer:
         """A decision point within the epoch (`decide_every_steps`); not checkpointed: a job
         resumed from the epoch's start reaches it again and gets the same answer."""
         assert self.points is not None and self.reporter is not None
+        # The samples trained so far this epoch, with the model as it was before this point.
+        trained = (self.progress.step - self._epoch_first_step) * self.training.batch_size
+        self.charge_epoch(min(trained, len(self.data.train_y)))
         report = self.reporter.point_report(
-            epoch, self.progress.step, answers=self.points.take_answers()
+            epoch,
+            self.progress.step,
+            answers=self.points.take_answers(),
+            decision_point=self.points.asks_controller,
         )
         self.points.ask(report)
         self.points.settle(step=self.progress.step, epoch=epoch)
         return self.attend(epoch)
+
+    def charge_epoch(self, trained: int) -> None:
+        """Charge the training compute of this epoch's samples up to `trained`."""
+        self.compute.charge(trained - self._charged)
+        self._charged = trained
 
     def _settle(self, epoch: int) -> None:
         """Settle the epoch's open point; checkpoint again if it changed the model."""
@@ -341,18 +385,37 @@ class JobTrainer:
             self.save()
         self.points.release()
 
+    def measure_test(self) -> None:
+        """The test split, with the last weights and with the best epoch's (kept in best.pt)."""
+        data, best = self.data, self.best
+        update: dict[str, Any] = {}
+        if len(data.test_y):
+            test = self.evaluate(data.test_x, data.test_y)
+            update = {"test_loss": _finite(test.loss), "test_accuracy": test.accuracy}
+            if best.keep and best.epoch is not None and best.path.exists():
+                model = self.fresh_model()
+                best.load_weights(model)
+                update["best_test_accuracy"] = self.evaluate(
+                    data.test_x, data.test_y, model
+                ).accuracy
+        self.metrics = self.metrics.model_copy(update=update)
+        log.info(summary(self.metrics, self.progress.epoch, self.training.epochs))
+
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> Evaluation:
-        was_training = self.model.training
-        self.model.eval()
+    def evaluate(
+        self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None
+    ) -> Evaluation:
+        model = model if model is not None else self.model
+        was_training = model.training
+        model.eval()
         total_loss, correct = 0.0, 0
         batch = max(self.training.batch_size, 1024)
         for begin in range(0, len(y), batch):
-            out = self.model(x[begin : begin + batch])
+            out = model(x[begin : begin + batch])
             target = y[begin : begin + batch]
             total_loss += float(self.loss_fn(out, target)) * len(target)
             correct += int((out.argmax(dim=1) == target).sum())
-        self.model.train(was_training)
+        model.train(was_training)
         n = max(1, len(y))
         return Evaluation(total_loss / n, correct / n)
 
@@ -365,11 +428,18 @@ class JobTrainer:
                 lambda: self.evaluate(data.val_x, data.val_y).accuracy
             )
         self.progress.epoch = epoch + 1
+        self.charge_epoch(len(data.train_y))
+        # Before the point: these are the weights (and seeds) that were measured.
+        self.best.consider(epoch, val.accuracy, self.model)
         self.metrics = JobMetrics(
             train_loss=train_loss,
             val_loss=_finite(val.loss),
             val_accuracy=val.accuracy,
             samples_per_s=samples_per_s,
+            best_epoch=self.best.epoch,
+            best_val_accuracy=self.best.val_accuracy,
+            parameters=self.compute.parameters(),
+            train_flops=self.compute.total,
         )
         self.progress.history.append(
             {
@@ -392,7 +462,7 @@ class JobTrainer:
                 val_accuracy=val.accuracy,
                 samples_per_s=samples_per_s,
                 contributions=contributions,
-                decision_point=asking,
+                decision_point=asking and self.points is not None and self.points.asks_controller,
                 answers=self.points.take_answers() if self.points is not None else (),
             )
             if asking:
@@ -411,6 +481,8 @@ class JobTrainer:
             self._settle(epoch)
         else:
             self.refuse_waiting_decisions("morphogenesis_off", "morphogenesis is off for this job")
+        # What the point grew counts from now on.
+        self.metrics = self.metrics.model_copy(update={"parameters": self.compute.parameters()})
         # Queued, not awaited: a Redis restart now must not stop training; the journal writes
         # it once Redis is back, after this epoch's report.
         self.record_progress()

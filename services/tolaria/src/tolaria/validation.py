@@ -1,5 +1,6 @@
 """Checking a spec the way the job will use it, before anything is queued: the data set opens
-and fits, the model builds for it, the layers to wrap exist, and the job fits its memory budget.
+and fits, the model builds for it, the layers to wrap exist, a growth schedule names them, and
+the job fits its memory budget.
 
 This runs in the API process, so it allocates nothing in proportion to the job: the model is
 built on the meta device, a generated data set is checked by arithmetic, never generated, and a
@@ -17,6 +18,7 @@ from esper.contracts import JobSpec
 from tolaria.datasets import dataset_geometry
 from tolaria.memory import check_job_memory, estimate_job_memory
 from tolaria.models import build_model, morphable_layers
+from tolaria.schedule import check_schedule
 
 DEFAULT_MAX_JOB_MEMORY_BYTES = 8 << 30
 
@@ -28,6 +30,6 @@ def check_spec(
     shape, classes, samples = dataset_geometry(spec.dataset, data_dir)
     with torch.device("meta"):  # sizes only: no memory for the weights of a big model
         model = build_model(spec.model, shape, classes)
-    if spec.morphogenesis.enabled:
-        morphable_layers(model, spec.morphogenesis)
+    layers = morphable_layers(model, spec.morphogenesis) if spec.morphogenesis.enabled else None
+    check_schedule(spec, layers)
     check_job_memory(estimate_job_memory(model, spec.training, shape, samples), max_memory_bytes)

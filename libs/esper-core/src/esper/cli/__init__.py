@@ -3,7 +3,7 @@
     esper up                   # Redis + the four services, logs streamed, dead ones restarted;
                                # Ctrl-C (or SIGTERM, SIGHUP) stops
     esper demo                 # the stack, the growth demo job and its control run
-    esper jobs submit examples/jobs/spirals.yaml --follow
+    esper jobs submit examples/jobs/circles.yaml --follow
     esper jobs list | status ID | stop ID | logs ID | checkpoint ID
     esper kernels list;  esper blueprints list;  esper stack status
 

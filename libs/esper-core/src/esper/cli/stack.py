@@ -29,7 +29,7 @@ from esper.processes.supervisor import (
     SupervisorEvent,
     describe_exit,
 )
-from esper.stack import HOST, START_ORDER, LocalStack
+from esper.stack import HOST, SHORT_JOB_POLICY, START_ORDER, LocalStack
 
 stack_app = typer.Typer(no_args_is_help=True, help="The running stack.")
 
@@ -287,23 +287,14 @@ def demo(
         raise typer.Exit(1)
 
 
-DEMO_ENV: dict[str, str] = {
-    "TAMIYO_WARMUP_EPOCHS": "3",
-    "TAMIYO_PATIENCE": "2",
-    "TAMIYO_MIN_DELTA": "0.01",
-    "TAMIYO_EVALUATION_EPOCHS": "2",
-    "TAMIYO_RAMP_STEPS": "20",
-    "TAMIYO_RETIRE_RAMP_STEPS": "20",
-    "TAMIYO_COOLDOWN_EPOCHS": "1",
-    "TAMIYO_KEEP_THRESHOLD": "0.02",
-}
+DEMO_ENV: dict[str, str] = dict(SHORT_JOB_POLICY)
 """Tamiyo's defaults are sized for jobs of tens of epochs; these fit the 28-epoch demo."""
 
 
 def run_demo(esper: Esper) -> bool:
     grow = esper.submit({**DEMO_JOB})
     control = esper.submit(
-        {**DEMO_JOB, "name": "spirals-control", "morphogenesis": {"enabled": False}}
+        {**DEMO_JOB, "name": "circles-control", "morphogenesis": {"enabled": False}}
     )
     console.print(f"growth job {grow.job_id}, control job {control.job_id} (no growth)")
     grown = follow_job(esper, grow.job_id)

@@ -26,6 +26,7 @@ from pydantic import (
 from esper.contracts.envelope import Message, register
 from esper.contracts.vocabulary import (
     Blend,
+    BlueprintName,
     Count,
     Identifier,
     JobStatus,
@@ -153,12 +154,17 @@ class SyntheticData(_Spec):
     seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] = 0
     classes: Annotated[StrictInt, Field(ge=2, le=100)] = 2
     features: Annotated[StrictInt, Field(ge=2, le=4096)] = 2
+    cells: Annotated[StrictInt, Field(ge=2, le=64)] = Field(
+        default=4, description="checkerboard only: cells along each side of the board"
+    )
     split: Split = Field(default_factory=Split)
 
     @model_validator(mode="after")
     def _shape(self) -> SyntheticData:
         if self.kind != "blobs" and self.features != 2:
             raise ValueError(f"{self.kind} is 2-D: only blobs take `features`")
+        if self.kind != "checkerboard" and self.cells != 4:
+            raise ValueError(f"{self.kind} has no cells: only checkerboard takes `cells`")
         if self.kind in ("moons", "circles") and self.classes != 2:
             raise ValueError(f"{self.kind} has 2 classes")
         return self
@@ -230,6 +236,23 @@ class TrainingSpec(_Spec):
             "it at once"
         ),
     )
+    keep_best: bool = Field(
+        default=True,
+        description=(
+            "keep the weights of the epoch with the best validation accuracy (and its seeds) and "
+            "measure the test split with them too; the job reports both the best and the last"
+        ),
+    )
+
+
+class ScheduledGrowth(_Spec):
+    """One germination of a fixed schedule (`morphogenesis.controller: schedule`): executed at
+    the decision point that ends `epoch` (0-based), with no controller asked."""
+
+    epoch: Annotated[StrictInt, Field(ge=0, le=100_000)]
+    layer: LayerName
+    blueprint: BlueprintName
+    seed: SeedIndex | None = Field(default=None, description="null: any free slot")
 
 
 class MorphogenesisSpec(_Spec):
@@ -267,6 +290,14 @@ class MorphogenesisSpec(_Spec):
             "the same spec, data and seed decide the same things at the same steps"
         ),
     )
+    controller: Literal["tamiyo", "schedule"] = Field(
+        default="tamiyo",
+        description=(
+            "who decides at the decision points: Tamiyo, asked over the bus, or `schedule`, "
+            "germinations at fixed epochs with no controller (a control arm for benchmarks)"
+        ),
+    )
+    schedule: list[ScheduledGrowth] = Field(default_factory=list, max_length=256)
     decision_timeout_s: Annotated[StrictFloat, Field(gt=0.0, le=600.0)] = Field(
         default=30.0,
         description=(
@@ -305,7 +336,9 @@ class JobProgress(_Spec):
 
 
 class JobMetrics(_Spec):
-    """The latest measured values; null until measured (never 0 for unmeasured)."""
+    """The latest measured values; null until measured (never 0 for unmeasured). `test_*` are
+    measured once, at the end, with the last weights; `best_*` describe the epoch with the best
+    validation accuracy, whose weights the job keeps (`training.keep_best`)."""
 
     train_loss: float | None = None
     val_loss: float | None = None
@@ -313,6 +346,19 @@ class JobMetrics(_Spec):
     test_loss: float | None = None
     test_accuracy: Unit | None = None
     samples_per_s: Annotated[float, Field(ge=0.0)] | None = None
+    best_epoch: Count | None = Field(default=None, description="0-based")
+    best_val_accuracy: Unit | None = None
+    best_test_accuracy: Unit | None = Field(
+        default=None, description="the test split measured with the best epoch's weights"
+    )
+    parameters: Count | None = Field(
+        default=None, description="trainable parameters now: the host and its live seeds"
+    )
+    train_flops: Annotated[float, Field(ge=0.0)] | None = Field(
+        default=None,
+        description="training compute so far, estimated: 3 × the forward FLOPs of each "
+        "training sample, with the model as it was when the sample was seen",
+    )
 
 
 class SeedView(_Spec):

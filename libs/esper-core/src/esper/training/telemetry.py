@@ -315,7 +315,12 @@ class TelemetryReporter:
         return report
 
     def point_report(
-        self, epoch: int, step: int, answers: Sequence[DecisionTaken] = ()
+        self,
+        epoch: int,
+        step: int,
+        answers: Sequence[DecisionTaken] = (),
+        *,
+        decision_point: bool = True,
     ) -> TelemetryReport:
         """Build and publish a `kind="step"` decision point within an epoch: the seeds as they
         are and the latest layer statistics (kept: the epoch report still needs them); no
@@ -328,7 +333,7 @@ class TelemetryReporter:
             metrics={},
             layers=self._latest,
             seeds=self.seed_stats(),
-            decision_point=True,
+            decision_point=decision_point,
             answers=answers,
         )
         self._publish(report)

@@ -9,7 +9,7 @@ import json
 import re
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from fastapi import APIRouter, Path, Query, Request, Response, status
@@ -168,8 +168,12 @@ async def delete_job(job_id: JobId, store: StoreDep, settings: SettingsDep) -> N
     """Delete a finished job: its record, events, logs and checkpoint."""
     await store.get(job_id)
     await store.delete(job_id)
-    path = checkpoint.path_for(settings.work_dir, job_id)
-    await asyncio.to_thread(lambda: path.unlink(missing_ok=True))
+    paths = (
+        checkpoint.path_for(settings.work_dir, job_id),
+        checkpoint.best_path_for(settings.work_dir, job_id),
+    )
+    for path in paths:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
     with contextlib.suppress(Exception):  # gone already when the job finished
         await store.redis.xgroup_destroy(settings.bus.stream("control"), control_group(job_id))
 
@@ -188,16 +192,29 @@ async def job_logs(
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS},
 )
-async def job_checkpoint(job_id: JobId, store: StoreDep, settings: SettingsDep) -> FileResponse:
-    """The last checkpoint (`torch.load(..., weights_only=True)`): `model` is the wrapped model's
-    state_dict, `spec` the job's spec."""
+async def job_checkpoint(
+    job_id: JobId,
+    store: StoreDep,
+    settings: SettingsDep,
+    which: Annotated[Literal["last", "best"], Query()] = "last",
+) -> FileResponse:
+    """The last checkpoint, or with `which=best` the weights of the best validation epoch
+    (`training.keep_best`; its `epoch` and `val_accuracy` say which). Either loads with
+    `torch.load(..., weights_only=True)`: `model` is the wrapped model's state_dict, `spec` the
+    job's spec."""
     await store.get(job_id)
-    path = checkpoint.path_for(settings.work_dir, job_id)
+    if which == "best":
+        path = checkpoint.best_path_for(settings.work_dir, job_id)
+        missing = f"job {job_id} has no best epoch's weights yet (or training.keep_best is off)"
+    else:
+        path = checkpoint.path_for(settings.work_dir, job_id)
+        missing = f"job {job_id} has no checkpoint yet"
     if not path.exists():
-        raise ApiError(
-            404, "no_checkpoint", f"job {job_id} has no checkpoint yet", ["path", "job_id"]
-        )
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.pt")
+        raise ApiError(404, "no_checkpoint", missing, ["path", "job_id"])
+    suffix = "-best" if which == "best" else ""
+    return FileResponse(
+        path, media_type="application/octet-stream", filename=f"{job_id}{suffix}.pt"
+    )
 
 
 @router.get(
