@@ -5,15 +5,14 @@ whole. Imported by name: conftest puts this directory on the path."""
 from __future__ import annotations
 
 import io
-import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import redis
 import torch
+from faulthelpers import logs
 
 from esper.bus import FIELD
 from esper.contracts import DecisionTaken, Envelope, SeedTransition
@@ -55,45 +54,6 @@ def adaptive_job(name: str, hidden: tuple[int, ...] = (2, 2)) -> dict[str, Any]:
         },
         "morphogenesis": {"enabled": True, "seeds_per_layer": 2, "ramp_steps": 10},
     }
-
-
-def wait_view(
-    client: httpx.Client,
-    job_id: str,
-    done: Callable[[dict[str, Any]], bool],
-    timeout_s: float = 240,
-    what: str = "",
-) -> dict[str, Any]:
-    """Poll `GET /jobs/{id}` until `done(view)`; 503 and a refused connection (a service being
-    restarted) are waited through. Fails with the job's logs on timeout."""
-    deadline = time.monotonic() + timeout_s
-    view: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        try:
-            response = client.get(f"/jobs/{job_id}")
-        except httpx.TransportError:
-            response = None
-        if response is not None and response.status_code == 200:
-            view = response.json()
-            if done(view):
-                return view
-            if finished(view):
-                raise AssertionError(f"job ended before {what or 'the wait'}: {view}")
-        time.sleep(0.2)
-    raise AssertionError(
-        f"job {job_id}: not {what} in {timeout_s} s: {view}\n{logs(client, job_id)[-4000:]}"
-    )
-
-
-def logs(client: httpx.Client, job_id: str) -> str:
-    try:
-        return client.get(f"/jobs/{job_id}/logs").text
-    except httpx.HTTPError as err:
-        return f"(logs unavailable: {err})"
-
-
-def finished(view: dict[str, Any]) -> bool:
-    return view["status"] in ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def germinated(view: dict[str, Any]) -> bool:

@@ -29,20 +29,36 @@ def wait_for(
     client: httpx.Client,
     job_id: str,
     done: Callable[[dict[str, Any]], bool],
-    timeout_s: float = 120,
+    timeout_s: float = 240,
+    what: str = "",
 ) -> dict[str, Any]:
-    """Poll `GET /jobs/{id}` until `done(view)`; fail with the job's logs on timeout."""
+    """Poll `GET /jobs/{id}` until `done(view)`; a 503 or a refused connection (Redis or a
+    service being restarted) is waited through. Fails at once if the job ends first, and with
+    the job's logs on timeout."""
     deadline = time.monotonic() + timeout_s
     view: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        response = client.get(f"/jobs/{job_id}")
-        if response.status_code == 200:
+        try:
+            response = client.get(f"/jobs/{job_id}")
+        except httpx.TransportError:
+            response = None
+        if response is not None and response.status_code == 200:
             view = response.json()
             if done(view):
                 return view
+            if finished(view):
+                raise AssertionError(f"job ended before {what or 'the wait'}: {view}")
         time.sleep(0.1)
-    logs = client.get(f"/jobs/{job_id}/logs").text[-3000:]
-    raise AssertionError(f"job {job_id} did not get there in {timeout_s} s: {view}\nlogs:\n{logs}")
+    raise AssertionError(
+        f"job {job_id}: not {what} in {timeout_s} s: {view}\n{logs(client, job_id)[-4000:]}"
+    )
+
+
+def logs(client: httpx.Client, job_id: str) -> str:
+    try:
+        return client.get(f"/jobs/{job_id}/logs").text
+    except httpx.HTTPError as err:
+        return f"(logs unavailable: {err})"
 
 
 def finished(view: dict[str, Any]) -> bool:

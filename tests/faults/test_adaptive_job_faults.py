@@ -12,15 +12,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from adaptive import (
-    POLICY,
-    adaptive_job,
-    assert_came_through,
-    finished,
-    germinated,
-    job_record,
-    wait_view,
-)
+from adaptive import POLICY, adaptive_job, assert_came_through, germinated, job_record
+from faulthelpers import finished, logs, wait_for
 
 from esper.stack import LocalStack
 
@@ -63,40 +56,36 @@ def test_urza_away_when_a_germination_needs_its_kernel(
     so the germination has to reach Urza, and Urza is down until the job has tried."""
     urza = stack.services["urza"]
     job_id = submit(tolaria, adaptive_job("urza-away", hidden=(3, 3)))
-    wait_view(tolaria, job_id, lambda v: v["progress"]["epoch"] >= 1, what="training")
+    wait_for(tolaria, job_id, lambda v: v["progress"]["epoch"] >= 1, what="training")
     urza.stop()
     try:
         # Tamiyo germinates at the plateau; the job's compile meets Urza away and is retried
         # with backoff, the job waiting (within `morphogenesis.kernel_retry_s`, 30 s).
-        wait_view(
+        wait_for(
             tolaria,
             job_id,
-            lambda v: "failed (ServiceUnreachableError" in logs_of(tolaria, job_id),
+            lambda v: "failed (ServiceUnreachableError" in logs(tolaria, job_id),
             what="a germination that met Urza away",
         )
     finally:
         urza.restart()
-    wait_view(tolaria, job_id, finished, what="finished")
+    wait_for(tolaria, job_id, finished, what="finished")
     record = job_record(tolaria, stack.redis_url, PREFIX, job_id)
     assert_came_through(record)
     [retried, *_] = record.applied("germinate")
     assert f"decision {retried.decision_id} applied" in record.logs
 
 
-def logs_of(tolaria: httpx.Client, job_id: str) -> str:
-    return tolaria.get(f"/jobs/{job_id}/logs").text
-
-
 def test_redis_restarted_while_a_seed_trains(stack: LocalStack, tolaria: httpx.Client) -> None:
     assert stack.redis is not None
     job_id = submit(tolaria, adaptive_job("redis-restart"))
-    wait_view(tolaria, job_id, germinated, what="a seed germinated")
+    wait_for(tolaria, job_id, germinated, what="a seed germinated")
     stack.redis.kill()
     try:
         time.sleep(5.0)
     finally:
         stack.redis.restart()
-    wait_view(tolaria, job_id, finished, what="finished")
+    wait_for(tolaria, job_id, finished, what="finished")
     record = job_record(tolaria, stack.redis_url, PREFIX, job_id)
     assert_came_through(record)
 
@@ -108,14 +97,14 @@ def test_the_job_process_killed_while_a_seed_trains(
     # Killed the moment a germination is applied, before the epoch's checkpoint holds it: the
     # restarted process resumes from a checkpoint without the seed, and the seed must not be
     # left half-germinated, counted twice, or believed by Tamiyo to be there.
-    view = wait_view(
+    view = wait_for(
         tolaria,
         job_id,
-        lambda v: "applied: germinated" in logs_of(tolaria, job_id),
+        lambda v: "applied: germinated" in logs(tolaria, job_id),
         what="a germination applied",
     )
     os.kill(view["attempts"][-1]["pid"], signal.SIGKILL)
-    wait_view(tolaria, job_id, finished, what="finished")
+    wait_for(tolaria, job_id, finished, what="finished")
     record = job_record(tolaria, stack.redis_url, PREFIX, job_id)
     assert_came_through(record)
     first, second = record.view["attempts"]

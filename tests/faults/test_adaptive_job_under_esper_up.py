@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from adaptive import POLICY, adaptive_job, assert_came_through, finished, job_record, wait_view
+from adaptive import POLICY, adaptive_job, assert_came_through, job_record
+from faulthelpers import finished, wait_for
 
 from esper.testing.esper_up import esper_up, gone, wait_until
 
@@ -31,19 +32,19 @@ def test_tamiyo_and_tolaria_killed_during_an_adaptive_job(tmp_path: Path) -> Non
         assert submitted.status_code == 202, submitted.text
         job_id = submitted.json()["job_id"]
 
-        wait_view(client, job_id, lambda v: bool(v["seeds"]), what="a seed germinated")
+        wait_for(client, job_id, lambda v: bool(v["seeds"]), what="a seed germinated")
         tamiyo = up.pid_of("tamiyo")
         os.kill(tamiyo, signal.SIGKILL)
         wait_until(lambda: gone(tamiyo), 5, "tamiyo killed")
         wait_until(lambda: up.healthy("tamiyo"), 90, "tamiyo restarted by esper up")
 
-        view = wait_view(client, job_id, lambda v: v["progress"]["epoch"] >= 8, what="training on")
+        view = wait_for(client, job_id, lambda v: v["progress"]["epoch"] >= 8, what="training on")
         tolaria = up.pid_of("tolaria")
         os.kill(tolaria, signal.SIGKILL)
         wait_until(lambda: gone(tolaria), 5, "tolaria killed")
         wait_until(lambda: up.healthy("tolaria"), 90, "tolaria restarted by esper up")
 
-        wait_view(client, job_id, finished, timeout_s=300, what="finished")
+        wait_for(client, job_id, finished, timeout_s=300, what="finished")
         record = job_record(client, up.redis_url, "esper", job_id)
         client.close()
     assert_came_through(record)

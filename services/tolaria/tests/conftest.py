@@ -13,6 +13,7 @@ import httpx
 import pytest
 import torch
 
+from esper.bus import BusSettings
 from esper.testing import RedisServer, ServiceProcess
 from esper.testing.pytest_plugin import (  # noqa: F401  (registered by import, see urza's conftest)
     bus_settings,
@@ -24,6 +25,8 @@ from esper.testing.pytest_plugin import (  # noqa: F401  (registered by import, 
 # Helpers beside the tests (jobhelpers) are imported by name; importlib mode does not add this dir.
 sys.path.insert(0, str(Path(__file__).parent))
 from jobhelpers import TOKEN
+
+from tolaria.settings import TolariaSettings
 
 _instances = itertools.count()
 # A developer's TOLARIA_*/URZA_*/ESPER_BUS_* variables must not change what tests see.
@@ -122,3 +125,15 @@ def client(tolaria: ServiceProcess) -> Iterator[httpx.Client]:
         base_url=tolaria.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
     ) as c:
         yield c
+
+
+@pytest.fixture
+def settings(tmp_path: Path, bus_settings: BusSettings) -> TolariaSettings:  # noqa: F811
+    """Settings of a job run in the test's own process (no Urza; the stop flag polled often)."""
+    return TolariaSettings(
+        data_dir=tmp_path,
+        work_dir=tmp_path / "work",
+        urza_url=None,
+        bus=bus_settings,
+        stop_poll_s=0.02,
+    )

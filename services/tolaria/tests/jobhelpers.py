@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
+
+from tolaria.runtime import JobRuntime
+from tolaria.settings import TolariaSettings
 
 TOKEN = "tolaria-test-token"
 
@@ -41,3 +45,14 @@ def spirals_job(**overrides: Any) -> dict[str, Any]:
     for key, value in overrides.items():
         spec[key] = {**spec[key], **value} if isinstance(value, dict) and key in spec else value
     return spec
+
+
+@contextmanager
+def started(settings: TolariaSettings, job_id: str) -> Iterator[JobRuntime]:
+    """A job's bus side (its JobRuntime) in this process, closed at the end: for the tests that
+    drive a JobTrainer step by step, with no job process around it."""
+    job_runtime = JobRuntime(settings, job_id).start()
+    try:
+        yield job_runtime
+    finally:
+        job_runtime.close()

@@ -4,16 +4,15 @@ are compiled in this process (LocalKernelProvider) where a job would ask Urza.""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from jobhelpers import started
 
 import esper
-from esper.bus import FIELD, BusSettings
+from esper.bus import FIELD
 from esper.contracts import DecisionPointMissed, DecisionTaken, Envelope, JobSpec, Message
 from esper.kernels import KernelCache
 from esper.training import LocalKernelProvider
@@ -48,26 +47,6 @@ SCHEDULED = spec_with(
         {"epoch": 1, "layer": "0", "blueprint": "residual_mlp", "seed": 1},
     ],
 )
-
-
-@pytest.fixture
-def settings(tmp_path: Path, bus_settings: BusSettings) -> TolariaSettings:
-    return TolariaSettings(
-        data_dir=tmp_path,
-        work_dir=tmp_path / "work",
-        urza_url=None,
-        bus=bus_settings,
-        stop_poll_s=0.02,
-    )
-
-
-@contextmanager
-def started(settings: TolariaSettings) -> Iterator[JobRuntime]:
-    job_runtime = JobRuntime(settings, JOB).start()
-    try:
-        yield job_runtime
-    finally:
-        job_runtime.close()
 
 
 def trainer_for(
@@ -142,7 +121,7 @@ def job_events(runtime: JobRuntime) -> list[Message]:
 def test_the_best_epoch_is_kept_with_its_seeds_and_measured_on_the_test_split(
     settings: TolariaSettings,
 ) -> None:
-    with started(settings) as runtime:
+    with started(settings, JOB) as runtime:
         trainer = trainer_for(runtime, SCHEDULED)
         assert len(trainer.data.train_y) == 420, "STEPS assumes 420 training samples"
         params = [trainer.compute.parameters()]
@@ -190,13 +169,13 @@ def test_the_best_epoch_is_kept_with_its_seeds_and_measured_on_the_test_split(
 
 def test_a_resumed_job_keeps_its_best_epoch(settings: TolariaSettings) -> None:
     registry = esper.LocalKernelRegistry()
-    with started(settings) as first:
+    with started(settings, JOB) as first:
         trainer = trainer_for(first, SCHEDULED, registry=registry)
         epochs(trainer, 0, 3)
         kept = (trainer.best.epoch, trainer.best.val_accuracy)
         flops = trainer.metrics.train_flops
         # The process dies here: the next one resumes from the checkpoint of epoch 2.
-    with started(settings) as second:
+    with started(settings, JOB) as second:
         resumed = trainer_for(second, SCHEDULED, create=False, registry=registry)
         assert resumed.resume()
         assert (resumed.best.epoch, resumed.best.val_accuracy) == kept
@@ -216,7 +195,7 @@ def test_a_resumed_job_keeps_its_best_epoch(settings: TolariaSettings) -> None:
 def test_without_keep_best_no_weights_are_kept_but_the_best_epoch_is_reported(
     settings: TolariaSettings,
 ) -> None:
-    with started(settings) as runtime:
+    with started(settings, JOB) as runtime:
         trainer = trainer_for(runtime, spec_with({"keep_best": False, "epochs": 3}))
         epochs(trainer, 0, 3)
         trainer.measure_test()

@@ -8,16 +8,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import pytest
 import redis
+from jobhelpers import started
 
 import esper
-from esper.bus import FIELD, BusSettings
+from esper.bus import FIELD
 from esper.contracts import (
     ControlAnswer,
     ControlDecision,
@@ -54,28 +53,8 @@ def spec_with(epochs: int, **morphogenesis: Any) -> JobSpec:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, bus_settings: BusSettings) -> TolariaSettings:
-    return TolariaSettings(
-        data_dir=tmp_path,
-        work_dir=tmp_path / "work",
-        urza_url=None,
-        bus=bus_settings,
-        stop_poll_s=0.02,
-    )
-
-
-@contextmanager
-def started(settings: TolariaSettings) -> Iterator[JobRuntime]:
-    job_runtime = JobRuntime(settings, JOB).start()
-    try:
-        yield job_runtime
-    finally:
-        job_runtime.close()
-
-
-@pytest.fixture
 def runtime(settings: TolariaSettings) -> Iterator[JobRuntime]:
-    with started(settings) as job_runtime:
+    with started(settings, JOB) as job_runtime:
         yield job_runtime
 
 
@@ -345,7 +324,7 @@ def test_a_resumed_job_asks_its_open_point_again_and_applies_the_answer(
     settings: TolariaSettings,
 ) -> None:
     spec = spec_with(epochs=2)
-    with started(settings) as first:
+    with started(settings, JOB) as first:
         trainer = trainer_for(first, spec)
 
         def go_down(report: TelemetryReport) -> None:
@@ -357,7 +336,7 @@ def test_a_resumed_job_asks_its_open_point_again_and_applies_the_answer(
         [open_point] = tamiyo.asked()
     assert open_point.point == f"epoch:0:{STEPS}"
 
-    with started(settings) as second:
+    with started(settings, JOB) as second:
         resumed = trainer_for(second, spec, create=False)
         decision = germinate("d-resumed", loadable_kernel(resumed))
         assert resumed.orchestrator is not None and resumed.points is not None
@@ -418,12 +397,12 @@ def test_a_transition_made_by_a_step_carries_that_step(runtime: JobRuntime) -> N
 
 def test_a_passed_point_is_not_asked_again_after_a_restart(settings: TolariaSettings) -> None:
     spec = spec_with(epochs=2)
-    with started(settings) as first:
+    with started(settings, JOB) as first:
         trainer = trainer_for(first, spec)
         loss, samples_per_s = trainer.train_epoch(0)
         trainer.end_epoch(0, loss, samples_per_s)  # no controller: passed
         assert trainer.points is not None and trainer.points.missed == 1
-    with started(settings) as second:
+    with started(settings, JOB) as second:
         resumed = trainer_for(second, spec, create=False)
         assert resumed.resume() and resumed.points is not None
         assert resumed.points.open is None
@@ -436,7 +415,7 @@ def test_an_operators_decision_outlives_the_job_process_that_held_it(
     """Held in the inbox (its bus message acked) by a process that dies before its next point:
     the resumed job executes it, once, and it leaves the inbox with the checkpoint after."""
     spec = spec_with(epochs=3)
-    with started(settings) as first:
+    with started(settings, JOB) as first:
         trainer = trainer_for(first, spec)
         kernel = loadable_kernel(trainer)
         loss, samples_per_s = trainer.train_epoch(0)
@@ -450,7 +429,7 @@ def test_an_operators_decision_outlives_the_job_process_that_held_it(
         trainer.train_epoch(1)  # then the process dies: epoch 1 never reaches its point
     assert trainer.points is not None and trainer.points.unreported == []
 
-    with started(settings) as second:
+    with started(settings, JOB) as second:
         resumed = trainer_for(second, spec, create=False)
         loadable_kernel(resumed)
         assert resumed.resume() and resumed.progress.epoch == 1
@@ -473,3 +452,20 @@ def held_queue(runtime: JobRuntime) -> list[ControlDecision]:
     for decision in queued:
         runtime.decisions.put(decision)
     return queued
+
+
+def test_the_controller_is_found_behind_many_other_heartbeats(runtime: JobRuntime) -> None:
+    """Every job beats on the health topic too: a busy stack's newest few hundred beats may
+    all be jobs'. The controller's beat is looked for by time, not among the last N."""
+
+    def beat(service: str, instance: str) -> None:
+        heartbeat = Heartbeat(
+            service=service, instance=instance, status="ok", started_at=time.time(), interval_s=5
+        )
+        runtime.call(runtime.producer.publish(Envelope.wrap(heartbeat, source="test")))
+
+    assert not runtime.controller_alive()
+    beat("tamiyo", "tamiyo-test")
+    for i in range(450):
+        beat("tolaria-job", f"job-{i}")
+    assert runtime.controller_alive()

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
+from jobhelpers import started
 from torch import nn
 
 import esper
-from esper.bus import FIELD, BusSettings
+from esper.bus import FIELD
 from esper.contracts import (
     ControlDecision,
     DecisionTaken,
@@ -51,19 +51,9 @@ class RecordingLoss(nn.CrossEntropyLoss):
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, bus_settings: BusSettings) -> Iterator[JobRuntime]:
-    settings = TolariaSettings(
-        data_dir=tmp_path,
-        work_dir=tmp_path / "work",
-        urza_url=None,
-        bus=bus_settings,
-        stop_poll_s=0.02,
-    )
-    job_runtime = JobRuntime(settings, JOB).start()
-    try:
+def runtime(settings: TolariaSettings) -> Iterator[JobRuntime]:
+    with started(settings, JOB) as job_runtime:
         yield job_runtime
-    finally:
-        job_runtime.close()
 
 
 def trainer_for(runtime: JobRuntime) -> JobTrainer:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from esper.contracts import (
     ControlAnswer,
@@ -150,14 +150,16 @@ class DecisionPoints:
         )
         return outcome
 
-    def _missed(self, report: TelemetryReport, reason: str, waited: float) -> None:
+    def _missed(
+        self, report: TelemetryReport, reason: Literal["timeout", "no_controller"], waited: float
+    ) -> None:
         self.missed += 1
         event = DecisionPointMissed(
             job_id=report.job_id,
             epoch=report.epoch,
             step=report.step,
             kind=report.kind,
-            reason="timeout" if reason == "timeout" else "no_controller",
+            reason=reason,
             waited_s=round(waited, 3),
         )
         self.runtime.emit(event)

@@ -52,8 +52,11 @@ JOB_SERVICE = "tolaria-job"
 HEARTBEAT_S = 5.0
 CONTROLLER = "tamiyo"
 """The service whose heartbeat says a controller is there to answer decision points."""
-HEALTH_LOOKBACK = 200
-"""Heartbeats read back from the end of the health stream when looking for the controller's."""
+HEALTH_PAGE = 200
+"""Heartbeats read at a time, newest first, when looking for the controller's."""
+HEALTH_WINDOW_S = 60.0
+"""How far back the controller's beat is looked for: every job beats on the same topic, so the
+look is bounded by time, not by a count a busy stack would outgrow."""
 TELEMETRY_FLUSH_S = 0.05
 LOG_SHIP_S = 0.5
 
@@ -114,6 +117,7 @@ class JobRuntime:
         self.decisions: queue.SimpleQueue[ControlDecision] = queue.SimpleQueue()
         """Operators' decisions for the next decision point, in arrival order."""
         self._queued: set[str] = set()
+        self._queued_lock = threading.Lock()  # the bus loop and the training thread both queue
         """Ids of the decisions ever queued: one delivered again, or both delivered and read
         back from the inbox by a resumed job, is queued once."""
         self._answers: dict[str, ControlAnswer] = {}
@@ -265,22 +269,25 @@ class JobRuntime:
         controller (the report could not reach one either)."""
 
         async def look() -> bool:
-            entries = await self.redis.xrevrange(self.bus.stream("health"), count=HEALTH_LOOKBACK)
+            stream = self.bus.stream("health")
             now = time.time()
-            for _, fields in entries or []:
-                try:
-                    envelope = Envelope.decode((fields or {})[FIELD])
-                    beat = envelope.message()
-                except Exception:
-                    continue
-                if (
-                    isinstance(beat, Heartbeat)
-                    and beat.service == CONTROLLER
-                    and beat.status != "down"
-                    and now - envelope.ts <= 3 * beat.interval_s
-                ):
-                    return True
-            return False
+            oldest = f"{int((now - HEALTH_WINDOW_S) * 1000)}-0"
+            newest: str | bytes = "+"
+            while True:
+                entries = await self.redis.xrevrange(
+                    stream, max=newest, min=oldest, count=HEALTH_PAGE
+                )
+                for _, fields in entries or []:
+                    beat = _controller_beat(fields)
+                    if beat is not None:  # its latest beat decides
+                        envelope, heartbeat = beat
+                        return heartbeat.status != "down" and (
+                            now - envelope.ts <= 3 * heartbeat.interval_s
+                        )
+                if not entries or len(entries) < HEALTH_PAGE:
+                    return False
+                last_id = entries[-1][0]
+                newest = b"(" + last_id if isinstance(last_id, bytes) else f"({last_id}"
 
         try:
             return self.call(look(), timeout=10)
@@ -423,7 +430,7 @@ class JobRuntime:
         self._queue(decision)
 
     def _queue(self, decision: ControlDecision) -> None:
-        with self._answered:  # the bus loop and the training thread both queue
+        with self._queued_lock:
             if decision.decision_id in self._queued:
                 return
             self._queued.add(decision.decision_id)
@@ -448,6 +455,18 @@ class JobRuntime:
         with self._answered:
             self._answers[answer.point] = answer
             self._answered.notify_all()
+
+
+def _controller_beat(fields: Any) -> tuple[Envelope, Heartbeat] | None:
+    """The controller's heartbeat in a health-stream entry, if it is one."""
+    try:
+        envelope = Envelope.decode((fields or {})[FIELD])
+        beat = envelope.message()
+    except Exception:  # not ours to judge here: the health topic's consumers report it
+        return None
+    if isinstance(beat, Heartbeat) and beat.service == CONTROLLER:
+        return envelope, beat
+    return None
 
 
 def _log_failure(future: concurrent.futures.Future[Any]) -> None:
