@@ -23,8 +23,10 @@ from torch import nn
 from _timing import percentile
 from esper.blueprints import BUILTIN_BLUEPRINTS, compile_blueprint
 from esper.contracts import HostSignature
+from esper.contracts.vocabulary import KernelFormat
 from esper.kernels import KernelCache, RedisKernelTier, UrzaKernelTier
 from esper.testing import RedisServer, ServiceProcess
+from esper.testing.hosts import host_for_blueprint
 
 COMPILES = 5
 REPEATS = 300
@@ -35,11 +37,11 @@ HOSTS = {
 }
 
 
-def compile_times() -> dict[str, dict[str, list[float]]]:
-    times: dict[str, dict[str, list[float]]] = {"export": {}, "torchscript": {}}
+def compile_times() -> dict[KernelFormat, dict[str, list[float]]]:
+    times: dict[KernelFormat, dict[str, list[float]]] = {"export": {}, "torchscript": {}}
     for fmt in times:
         for name, spec in BUILTIN_BLUEPRINTS.items():
-            host = HOSTS[spec.hosts[0]]
+            host = host_for_blueprint(spec, HOSTS[spec.hosts[0]])  # `widen` needs a next layer
             compile_blueprint(spec, host, fmt)  # the first compile of a shape pays tracing warm-up
             samples = []
             for _ in range(COMPILES):

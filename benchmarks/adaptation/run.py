@@ -10,6 +10,7 @@ one line.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -223,4 +224,7 @@ def _train(args: argparse.Namespace) -> Finished:
 
 
 if __name__ == "__main__":
+    # A SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so LocalStack stops the services:
+    # Python's default handler would leave them running, and Tolaria restarting its jobs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

@@ -25,6 +25,7 @@ from esper.exceptions import (
     BlueprintSpecError,
     UnknownBlueprintError,
 )
+from esper.testing.hosts import host_for_blueprint
 
 LINEAR = HostSignature(kind="linear", in_features=12, out_features=20)
 CONV = HostSignature(
@@ -64,7 +65,7 @@ def test_builtin_spec_round_trips_through_dict_and_json(name: str) -> None:
 def test_builtin_instantiates_zero_output_for_every_host_kind_it_lists(
     name: str, kind: str
 ) -> None:
-    host = HOSTS[kind]
+    host = host_for_blueprint(get_blueprint(name), HOSTS[kind])
     module = instantiate(get_blueprint(name), host)
     x = torch.randn(3, host.in_features, *(() if kind == "linear" else (11, 9)))
     with torch.no_grad():

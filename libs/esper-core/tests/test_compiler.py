@@ -24,6 +24,7 @@ from esper.exceptions import (
     UnknownBlueprintError,
 )
 from esper.kernels import KERNEL_ID_RE, KernelArtifact, deserialize, digest_of, verify
+from esper.testing.hosts import host_for_blueprint
 
 FORMATS: tuple[KernelFormat, ...] = ("export", "torchscript")
 LINEAR = HostSignature(kind="linear", in_features=12, out_features=20)
@@ -51,7 +52,7 @@ def other_input(host: HostSignature, batch: int = 7) -> torch.Tensor:
 def test_every_builtin_compiles_to_a_function_preserving_trainable_kernel(
     name: str, kind: str, fmt: KernelFormat
 ) -> None:
-    host = HOSTS[kind]
+    host = host_for_blueprint(BUILTIN_BLUEPRINTS[name], HOSTS[kind])
     artifact = compile_blueprint(name, host, fmt)
     meta = artifact.meta
     assert KERNEL_ID_RE.fullmatch(meta.kernel_id)

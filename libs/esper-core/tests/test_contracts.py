@@ -24,8 +24,15 @@ from esper.contracts import (
     ErrorBody,
     HealthStatus,
     Heartbeat,
+    HostSignature,
+    JobMetrics,
+    JobSpec,
+    JobStatus,
     JobStatusChanged,
+    JobStatusChangedV1,
+    JobView,
     KernelReady,
+    KernelReadyV1,
     LayerStats,
     Message,
     Page,
@@ -35,6 +42,7 @@ from esper.contracts import (
     SeedTransition,
     TelemetryReport,
     TelemetryReportV1,
+    TelemetryReportV2,
     contract,
     contracts,
     examples,
@@ -110,11 +118,12 @@ def test_every_contract_travels_on_one_of_the_four_topics() -> None:
 
 
 def test_contract_lookup_by_type_and_version() -> None:
-    assert contract("telemetry.report", 2) is TelemetryReport
+    assert contract("telemetry.report", 3) is TelemetryReport
+    assert contract("telemetry.report", 2) is TelemetryReportV2
     assert contract("telemetry.report", 1) is TelemetryReportV1
     with pytest.raises(UnknownMessageTypeError, match=r"'telemetry\.nope'"):
         contract("telemetry.nope", 1)
-    with pytest.raises(UnsupportedVersionError, match=r"no schema version 7 \(known: 1, 2\)"):
+    with pytest.raises(UnsupportedVersionError, match=r"no schema version 7 \(known: 1, 2, 3\)"):
         contract("telemetry.report", 7)
 
 
@@ -427,6 +436,91 @@ def test_a_layer_or_a_seed_slot_reported_twice_is_refused() -> None:
         TelemetryReport(job_id="j", epoch=0, step=0, kind="step", seeds=[seed, seed])
 
 
+def encoded(message: Message, **changes: Any) -> bytes:
+    """`message` in an envelope as its producer would send it, with payload fields changed."""
+    data = json.loads(Envelope.wrap(message, source="test").encode())
+    data["payload"].update(changes)
+    return json.dumps(data).encode()
+
+
+def test_a_v3_report_carries_the_layer_a_widening_seed_grows_into() -> None:
+    report = typical(TelemetryReport)
+    assert isinstance(report, TelemetryReport) and report.VERSION == 3
+    envelope = Envelope.decode(encoded(report))
+    assert envelope.version == 3 and envelope.current() is envelope.message()
+    current = envelope.current()
+    assert isinstance(current, TelemetryReport) and current == report
+    assert [(s.layer, s.next_layer) for s in current.layers] == [
+        ("layer1", "layer2"),
+        ("layer2", None),
+    ]
+
+
+def test_a_layer_cannot_be_its_own_next_layer() -> None:
+    itself = [{"layer": "a", "next_layer": "a"}]
+    with pytest.raises(MessageValidationError, match=r"layers\.0: Value error, layer 'a' names"):
+        Envelope.decode(encoded(typical(TelemetryReport), layers=itself))
+
+
+@pytest.mark.parametrize("old", [TelemetryReportV1, TelemetryReportV2])
+def test_an_older_report_is_read_as_v3_whose_layers_cannot_be_widened(
+    old: type[Message],
+) -> None:
+    sent = typical(old)
+    layers = [{"layer": "layer1", "grad_norm": 0.5}, {"layer": "layer2"}]
+    envelope = Envelope.decode(encoded(sent, layers=layers))
+    assert type(envelope.message()) is old and envelope.version == old.VERSION
+    current = envelope.current()
+    assert type(current) is TelemetryReport
+    assert [(s.layer, s.grad_norm, s.next_layer) for s in current.layers] == [
+        ("layer1", 0.5, None),
+        ("layer2", None, None),
+    ]
+    assert current.model_dump(exclude={"layers", "decision_point", "answers"}) == (
+        envelope.message().model_dump(exclude={"layers", "decision_point", "answers"})
+    )
+    assert current.decision_point == getattr(envelope.message(), "decision_point", False)
+
+
+@pytest.mark.parametrize("old", [TelemetryReportV1, TelemetryReportV2])
+def test_an_older_report_whose_layer_names_a_next_layer_is_refused(old: type[Message]) -> None:
+    layers = [{"layer": "layer1", "next_layer": "layer2"}]
+    with pytest.raises(MessageValidationError, match=r"layers\.0\.next_layer: Extra inputs"):
+        Envelope.decode(encoded(typical(old), layers=layers))
+
+
+def test_a_v2_report_keeps_its_own_rules_when_read() -> None:
+    twice = [{"layer": "a"}, {"layer": "a"}]
+    with pytest.raises(MessageValidationError, match="a layer appears more than once"):
+        Envelope.decode(encoded(typical(TelemetryReportV2), layers=twice))
+
+
+def test_a_v1_kernel_ready_is_read_as_v2_with_a_one_layer_host() -> None:
+    envelope = Envelope.decode(encoded(typical(KernelReadyV1)))
+    assert type(envelope.message()) is KernelReadyV1 and envelope.version == 1
+    current = envelope.current()
+    assert isinstance(current, KernelReady) and current.host.downstream is None
+    assert current.host == HostSignature(kind="linear", in_features=16, out_features=32)
+    assert current.model_dump(exclude={"host"}) == envelope.message().model_dump(exclude={"host"})
+
+
+def test_a_widening_kernel_travels_as_v2_and_a_v1_reader_refuses_it() -> None:
+    widening = EXAMPLES[KernelReady][1]
+    assert isinstance(widening, KernelReady) and widening.host.downstream is not None
+    raw = Envelope.wrap(widening, source="urza").encode()
+    assert Envelope.decode(raw).current() == widening
+    as_v1 = json.loads(raw)
+    as_v1["version"] = 1
+    with pytest.raises(MessageValidationError, match=r"host\.downstream: Extra inputs"):
+        Envelope.decode(json.dumps(as_v1).encode())
+
+
+def test_a_v1_kernel_ready_keeps_the_host_geometry_rules() -> None:
+    bad_groups = {"kind": "linear", "in_features": 3, "out_features": 4, "groups": 2}
+    with pytest.raises(MessageValidationError, match=r"host: Value error, groups=2 must divide"):
+        Envelope.decode(encoded(typical(KernelReadyV1), host=bad_groups))
+
+
 def test_finite_or_none() -> None:
     assert finite_or_none(0.0) == 0.0
     assert finite_or_none(-2.5) == -2.5
@@ -616,6 +710,59 @@ def test_a_v1_answer_applied_reads_as_v2_without_a_code() -> None:
     # The current version needs no upgrade: current() is the message itself.
     v2 = Envelope.decode(Envelope.wrap(typical(DecisionTaken), source="t").encode())
     assert v2.current() is v2.message()
+
+
+def ended_job(status: JobStatus, metrics: JobMetrics) -> JobView:
+    spec = JobSpec.model_validate({"model": {"kind": "mlp"}, "dataset": {"kind": "spirals"}})
+    return JobView(
+        job_id="job-ended",
+        status=status,
+        attempt=2,
+        created_at=1.0,
+        error="stopped on request" if status == "STOPPED" else None,
+        metrics=metrics,
+        spec=spec,
+    )
+
+
+def test_an_ended_job_status_carries_its_final_metrics_through_the_wire() -> None:
+    ended = [m for m in EXAMPLES[JobStatusChanged] if isinstance(m, JobStatusChanged) and m.metrics]
+    assert ended, "an example says a job's final metrics"
+    envelope = Envelope.decode(Envelope.wrap(ended[0], source="tolaria").encode())
+    assert envelope.version == 2 and envelope.current() == ended[0]
+    metrics = envelope.current().metrics  # type: ignore[attr-defined]
+    assert metrics.test_accuracy is not None and metrics.best_test_accuracy is not None
+
+
+def test_a_v1_job_status_is_read_as_v2_without_metrics() -> None:
+    envelope = Envelope.decode(encoded(typical(JobStatusChangedV1)))
+    assert type(envelope.message()) is JobStatusChangedV1 and envelope.version == 1
+    current = envelope.current()
+    assert type(current) is JobStatusChanged and current.metrics is None
+    assert current.model_dump(exclude={"metrics"}) == envelope.message().model_dump()
+
+
+def test_a_v1_job_status_keeps_its_rules_and_refuses_metrics() -> None:
+    with pytest.raises(MessageValidationError, match="nothing changed"):
+        Envelope.decode(encoded(typical(JobStatusChangedV1), previous="SUCCEEDED"))
+    with pytest.raises(MessageValidationError, match="metrics: Extra inputs"):
+        Envelope.decode(encoded(typical(JobStatusChangedV1), metrics={"val_accuracy": 0.5}))
+
+
+def test_only_an_ended_job_status_carries_metrics() -> None:
+    running = typical(JobStatusChanged)
+    assert isinstance(running, JobStatusChanged) and running.status == "RUNNING"
+    with pytest.raises(MessageValidationError, match="only an ended job has final metrics"):
+        Envelope.decode(encoded(running, metrics={"val_accuracy": 0.5}))
+
+
+def test_the_status_of_an_ended_job_is_built_from_its_record() -> None:
+    measured = JobMetrics(val_accuracy=0.7, best_epoch=3, best_val_accuracy=0.75)
+    event = JobStatusChanged.ended(ended_job("STOPPED", measured))
+    assert (event.status, event.previous, event.attempt) == ("STOPPED", "RUNNING", 2)
+    assert event.error == "stopped on request" and event.metrics == measured
+    # Nothing measured: no metrics, rather than all-null ones that would read as measured.
+    assert JobStatusChanged.ended(ended_job("FAILED", JobMetrics())).metrics is None
 
 
 # ----------------------------------------------------------------------------- frozen, strict

@@ -36,6 +36,7 @@ from esper.kernels.executor import deserialize, export_program
 from esper.kernels.inspection import inspect_export_program, inspect_script_module
 from esper.registry import LocalKernelRegistry
 from esper.testing import hostile_kernels as hostile
+from esper.testing.hosts import host_for_blueprint
 
 HOST = HostSignature(kind="linear", in_features=hostile.WIDTH, out_features=hostile.WIDTH)
 HOSTS = {
@@ -90,6 +91,7 @@ def test_every_builtin_blueprint_passes_inspection(name: str, host: str, fmt: Ke
     spec, signature = BUILTIN_BLUEPRINTS[name], HOSTS[host]
     if signature.kind not in spec.hosts:
         pytest.skip(f"{name} does not serve {host} hosts")
+    signature = host_for_blueprint(spec, signature)
     artifact = compile_blueprint(spec, signature, fmt, signing_key=KEY)
     assert artifact.meta.vouched_by == "compiler"
     assert artifact.meta.hmac_sha256 == sign(artifact.meta, KEY)

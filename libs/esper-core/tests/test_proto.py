@@ -71,7 +71,7 @@ def changed_telemetry_report() -> type[Message]:
 def test_the_check_fails_when_a_model_changes() -> None:
     changed = [changed_telemetry_report() if m is TelemetryReport else m for m in MESSAGES]
     assert generator.check(PROTO, generator.render(changed)) == [
-        "drifted: messages/telemetry.report.v2.json"
+        "drifted: messages/telemetry.report.v3.json"
     ]
 
 

@@ -41,7 +41,7 @@ def test_garbage_on_every_topic_is_dead_lettered_counted_and_survived(
         "invalid_payload": [
             ("telemetry", variant(payload={**good["payload"], "epoch": -1})),
             ("telemetry", variant(payload={**good["payload"], "val_accuracy": 7.5})),
-            (  # v1: the version of `good` is telemetry's (2), which seed transitions lack
+            (  # v1: the version of `good` is telemetry's (3), which seed transitions lack
                 "events",
                 variant(type="event.seed_transition", version=1, payload={"job_id": "../etc"}),
             ),

@@ -25,6 +25,7 @@ from esper.contracts import (
     SeedTransition,
     TelemetryReport,
     TelemetryReportV1,
+    TelemetryReportV2,
 )
 from tamiyo import tracking
 from tamiyo.catalogue import Catalogue, builtin_catalogue
@@ -94,8 +95,24 @@ def on_the_wire(message: Message) -> Message:
     report — from a job before decision points, the only report Tamiyo decides on unasked (a
     v2 report that asks nothing is recorded only). Everything else as it is."""
     if isinstance(message, TelemetryReport) and not message.decision_point and not message.answers:
-        return TelemetryReportV1(**message.model_dump(exclude={"decision_point", "answers"}))
+        return as_v1(message)
     return message
+
+
+V3_ONLY: dict[str, Any] = {"layers": {"__all__": {"next_layer", "growth_gain"}}}
+"""What a v3 report has that older ones lack: each layer's `next_layer` and `growth_gain`."""
+
+
+def as_v1(report: TelemetryReport) -> TelemetryReportV1:
+    """`report` as a job from before decision points sent it: without the fields v2 and v3
+    added (decision points; each layer's `next_layer` and `growth_gain`)."""
+    exclude = {**V3_ONLY, "decision_point": True, "answers": True}
+    return TelemetryReportV1(**report.model_dump(exclude=exclude))
+
+
+def as_v2(report: TelemetryReport) -> TelemetryReportV2:
+    """`report` as a job from before widening sent it: its layers without the v3 fields."""
+    return TelemetryReportV2(**report.model_dump(exclude=V3_ONLY))
 
 
 def seed(

@@ -120,7 +120,7 @@ async def test_a_report_that_asks_nothing_is_never_decided_on(harness: Harness) 
     harness.controller()
     for epoch in range(5):
         envelope = Envelope.wrap(report("job-asks-nothing", epoch, 0.69), source="tolaria")
-        assert envelope.version == 2
+        assert envelope.version == 3
         await harness.producer.publish(envelope)
     state = await settle(harness, "job-asks-nothing", 4)
     assert "asks nothing: recorded only" in state.note and state.stale_epochs == 4

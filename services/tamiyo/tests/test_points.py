@@ -6,7 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from tamiyo_helpers import Harness, handle, report, seed, taken, transition, until
+from tamiyo_helpers import (
+    Harness,
+    as_v1,
+    as_v2,
+    handle,
+    report,
+    seed,
+    taken,
+    transition,
+    until,
+)
 
 from esper.contracts import (
     ControlAnswer,
@@ -14,7 +24,6 @@ from esper.contracts import (
     DecisionTaken,
     Message,
     TelemetryReport,
-    TelemetryReportV1,
 )
 from tamiyo.controller import derive_decision_id
 from tamiyo.tracking import MAX_ANSWERS
@@ -159,14 +168,26 @@ async def test_a_job_at_points_decides_only_there(harness: Harness) -> None:
 async def test_a_v1_report_is_handled_as_before(harness: Harness) -> None:
     harness.controller()
     for epoch in range(3):
-        fields = report("job-pf", epoch, 0.69).model_dump(exclude={"decision_point", "answers"})
-        await harness.send(TelemetryReportV1(**fields))
+        await harness.send(as_v1(report("job-pf", epoch, 0.69)))
     [(envelope, decision)] = await until(harness.control)
     assert decision.action == "germinate" and envelope.correlation_id is not None
     assert decision.decision_id == derive_decision_id("job-pf", envelope.correlation_id, 0)
     state = await harness.state("job-pf")
     assert state is not None and not state.points and state.answers == {}
     assert await harness.answers("job-pf") == []
+
+
+async def test_a_v2_job_at_points_is_answered_as_before(harness: Harness) -> None:
+    """A job from before widening sends v2 reports (layers without `next_layer`): read as v3
+    whose layers cannot be widened, its points are answered as a v3 job's are."""
+    harness.controller()
+    for epoch in range(3):
+        await harness.send(as_v2(report("job-pg", epoch, 0.69, point=True)))
+    answers = await answers_of(harness, "job-pg", 3)
+    assert [len(a.decisions) for a in answers] == [0, 0, 1]
+    [germinate] = answers[2].decisions
+    assert (germinate.action, germinate.layer) == ("germinate", "2")
+    assert germinate.decision_id == derive_decision_id("job-pg", "point:epoch:2:30", 0)
 
 
 # ---------------------------------------------------------------------------------------------

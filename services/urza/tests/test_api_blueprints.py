@@ -55,7 +55,7 @@ def test_builtins_are_listed(anon: httpx.Client) -> None:
     page = listing(anon)
     builtins = {b.spec.name: b for b in page.items if b.builtin}
     assert set(builtins) == set(BUILTIN_BLUEPRINTS)
-    assert len(builtins) == 9
+    assert len(builtins) == 10
     assert page.total == len(page.items)
     for name, stored in builtins.items():
         assert stored.spec == BUILTIN_BLUEPRINTS[name]

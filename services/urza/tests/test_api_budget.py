@@ -22,6 +22,7 @@ from esper.contracts import HostSignature
 from esper.contracts.api import ErrorBody, ErrorInfo
 from esper.kernels.executor import example_input
 from esper.testing import ServiceProcess
+from esper.testing.hosts import host_for_blueprint
 from urza.budget import estimate_compile, estimate_export_upload
 
 CONV = {"kind": "conv2d", "in_features": 8, "out_features": 8, "kernel_size": [3, 3]}
@@ -111,6 +112,7 @@ def test_the_estimate_counts_what_the_compiler_builds(name: str) -> None:
         if "conv2d" in spec.hosts
         else {"kind": "linear", "in_features": 32, "out_features": 16}
     )
+    host = host_for_blueprint(spec, host)
     estimate = estimate_compile(spec, host)
     module = instantiate(spec, host)
     assert estimate.parameters == sum(p.numel() for p in module.parameters())

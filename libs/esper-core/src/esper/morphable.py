@@ -117,9 +117,17 @@ class MorphableModel(nn.Module):
             resolved = await self.kernels.resolve(kernel_id)
             kl.mark_loading(seed_idx, resolved)
             cached = await self.kernels.get(resolved)
-            module = self.executor.prepare(cached.template, kl.base_layer, resolved, layer)
+            widens = cached.meta.host.downstream is not None
+            module = self._prepare(cached.template, kl, resolved, widens)
             mode = mode or BlendMode(cached.meta.default_blend)
-            kl.attach(seed_idx, module, blend=mode, alpha=alpha, grad_isolation=grad_isolation)
+            kl.attach(
+                seed_idx,
+                module,
+                blend=mode,
+                alpha=alpha,
+                grad_isolation=grad_isolation,
+                widens=widens,
+            )
         except BaseException as err:
             kl.fail_load(seed_idx, f"{type(err).__name__}: {err}")
             raise
@@ -285,7 +293,28 @@ class MorphableModel(nn.Module):
     # -------------------------------------------------------- checkpoints
     def _load_for_restore(self, kernel_id: str, kl: KasminaLayer) -> nn.Module:
         cached = self.kernels.get_sync(kernel_id)
-        return self.executor.prepare(cached.template, kl.base_layer, kernel_id, kl.layer_name)
+        widens = cached.meta.host.downstream is not None
+        return self._prepare(cached.template, kl, kernel_id, widens)
+
+    def _prepare(
+        self, template: nn.Module, kl: KasminaLayer, kernel_id: str, widens: bool
+    ) -> nn.Module:
+        """The executor's checked copy of a kernel for `kl`; a widening kernel is checked against
+        the layer and its downstream layer together."""
+        if not widens:
+            return self.executor.prepare(template, kl.base_layer, kernel_id, kl.layer_name)
+        if kl.downstream is None:
+            raise UnsupportedHostError(
+                f"kernel {kernel_id} widens a layer into the next one, but layer "
+                f"{kl.layer_name!r} has no next layer it feeds through an activation"
+            )
+        return self.executor.prepare(
+            template,
+            kl.base_layer,
+            kernel_id,
+            kl.layer_name,
+            downstream_layer=kl.downstream.base_layer,
+        )
 
     # A checkpoint restores seeds through each KasminaLayer's extra state: the layer re-resolves
     # its kernels by id through this model's cache, then nn.Module loads the trained seed
@@ -299,6 +328,47 @@ class MorphableModel(nn.Module):
         for name, layer in module._layers.items():
             for i in layer.running_seeds():
                 module._join_optimizers(name, i)
+
+
+# Elementwise: a widening seed's hidden units between two layers see the same function as the
+# layer's own units, so only these may stand between a layer and the next one it widens into.
+ELEMENTWISE = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardswish,
+    nn.Identity,
+)
+
+
+def _widenable_pairs(model: nn.Module, wrapped: dict[str, KasminaLayer]) -> list[tuple[str, str]]:
+    """(layer, next layer) for each wrapped layer that an nn.Sequential follows, through
+    elementwise activations only, by another wrapped layer of its kind whose input is its output:
+    where k hidden units can be added between the two (a widening seed)."""
+    by_module = {id(layer): name for name, layer in wrapped.items()}
+    pairs = []
+    for parent in model.modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.children())
+        for i, child in enumerate(children):
+            if id(child) not in by_module:
+                continue
+            rest = children[i + 1 :]
+            following = next((m for m in rest if not isinstance(m, ELEMENTWISE)), None)
+            if following is None or id(following) not in by_module:
+                continue
+            first, second = by_module[id(child)], by_module[id(following)]
+            a, b = wrapped[first].signature, wrapped[second].signature
+            if a.kind == b.kind and a.out_features == b.in_features:
+                pairs.append((first, second))
+    return pairs
 
 
 def _drop_group(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> None:
@@ -379,5 +449,7 @@ def wrap(
         )
         setattr(parent, child, layer)
         wrapped[name] = layer
+    for upstream, downstream in _widenable_pairs(model, wrapped):
+        wrapped[upstream].connect(wrapped[downstream], downstream)
     cache = kernels if kernels is not None else KernelCache([default_registry()])
     return MorphableModel(model, wrapped, cache)

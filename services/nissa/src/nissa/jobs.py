@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from esper.contracts import RUNNING_SEED_STATES, TERMINAL_JOB_STATUSES, Outcome
+from esper.contracts import RUNNING_SEED_STATES, TERMINAL_JOB_STATUSES, JobMetrics, Outcome
 from nissa.reports import (
     ContributionPoint,
     DecisionPointsReport,
@@ -97,6 +97,8 @@ class Job:
     error: str | None = None
     attempt: int | None = None
     finished_at: float | None = None
+    final: JobMetrics | None = None
+    """What the job's ending status said it measured, last and best."""
     counted_endings: set[str] = field(default_factory=set)
     epochs: list[EpochPoint] = field(default_factory=list)
     steps: list[StepPoint] = field(default_factory=list)
@@ -189,6 +191,7 @@ class Job:
             val_accuracy=self.val_accuracy,
             samples_per_s=self.samples_per_s,
             parameters_added=parameters_added(self, kernels),
+            final=self.final,
             epochs=list(self.epochs),
             steps=list(self.steps),
             decisions=[_decision_report(d) for d in self.decisions.values()],
@@ -213,6 +216,7 @@ class Job:
             error=report.error,
             attempt=report.attempt,
             finished_at=report.finished_at,
+            final=report.final,
             epochs=list(report.epochs),
             steps=list(report.steps),
             epochs_completed=report.epochs_completed,

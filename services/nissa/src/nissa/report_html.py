@@ -100,6 +100,10 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+def _count(value: int | None) -> str:
+    return "—" if value is None else f"{value:,}"
+
+
 def _when(ts: float | None) -> str:
     if ts is None:
         return "—"
@@ -357,6 +361,42 @@ class Page:
         error = f'<p class="error">{escape(r.error)}</p>' if r.error else ""
         return f'<div class="stats">{boxes}</div><p class="note">{escape(when)}</p>{error}'
 
+    def final_table(self) -> str:
+        """Last epoch against best validation epoch, from the job's ending status; nothing
+        before the job has ended (or when it measured nothing)."""
+        final = self.report.final
+        if final is None:
+            return ""
+        # Epochs counted from 1, as in the job's log and `esper jobs status`.
+        done = self.report.epochs_completed
+        last = f"last epoch ({done})" if done else "last epoch"
+        best = "best epoch" + (f" ({final.best_epoch + 1})" if final.best_epoch is not None else "")
+        head = f"<tr><th></th><th>{escape(last)}</th><th>{escape(best)}</th></tr>"
+        pairs = [
+            ("validation accuracy", final.val_accuracy, final.best_val_accuracy),
+            ("test accuracy", final.test_accuracy, final.best_test_accuracy),
+        ]
+        rows = [
+            f'<tr class="{escape(name.replace(" ", "-"))}"><th>{escape(name)}</th>'
+            f"<td>{escape(_fmt(a))}</td><td>{escape(_fmt(b))}</td></tr>"
+            for name, a, b in pairs
+        ]
+        # Measured at the end only: they describe the model as it was last.
+        totals = [
+            ("parameters", _count(final.parameters)),
+            ("training FLOPs", _fmt(final.train_flops, 3)),
+        ]
+        rows += [
+            f'<tr class="{escape(name.replace(" ", "-"))}"><th>{escape(name)}</th>'
+            f'<td colspan="2">{escape(v)}</td></tr>'
+            for name, v in totals
+        ]
+        note = '<p class="note">Epochs counted from 1; parameters and FLOPs as at the end.</p>'
+        return (
+            '<h2>Last epoch vs best epoch</h2><table id="final" class="final">'
+            f"{head}{''.join(rows)}</table>{note}"
+        )
+
     def seeds_table(self) -> str:
         if not self.report.seeds:
             return ""
@@ -431,7 +471,7 @@ def render(report: JobReport) -> str:
         f"<title>Job {escape(report.job_id)} — Esper</title><style>{STYLE}</style></head><body>"
         f'<h1>Job {escape(report.job_id)} <span class="status {status}">{status}</span></h1>'
         f'<p class="note">As Nissa saw it on the bus ({escape(report.source)} report).</p>'
-        f"{page.summary()}"
+        f"{page.summary()}{page.final_table()}"
         f"<h2>Loss</h2>{page.loss_chart()}"
         f"<h2>Validation accuracy</h2>{page.accuracy_chart()}"
         f"<h2>Seed timeline</h2>{page.timeline()}"

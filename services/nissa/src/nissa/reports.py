@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from esper.contracts import Identifier, JobStatus, Outcome
+from esper.contracts import Identifier, JobMetrics, JobStatus, Outcome
 from esper.files import atomic_write
 
 log = logging.getLogger("nissa.reports")
@@ -133,6 +133,13 @@ class JobReport(_Model):
     samples_per_s: float | None = None
     parameters_added: int | None = Field(
         default=None, description="parameters of the kernels in ACTIVE/RETIRING seeds"
+    )
+    # Optional: a report written before jobs said their final metrics still loads.
+    final: JobMetrics | None = Field(
+        default=None,
+        description="the job's final metrics as its ending `event.job_status` (v2) said them: "
+        "the last epoch's (`test_*` with the last weights) and the best validation epoch's "
+        "(`best_*`); null until then, or when the job measured nothing",
     )
     epochs: list[EpochPoint] = Field(default_factory=list)
     steps: list[StepPoint] = Field(default_factory=list)

@@ -429,6 +429,8 @@ class NissaState:
         job.status_ts = ts
         job.attempt = event.attempt
         job.error = event.error
+        # A v1 event (upgraded) has no metrics: the report then shows none rather than stale ones.
+        job.final = event.metrics
         if event.status in TERMINAL_JOB_STATUSES:
             job.finished_at = ts
             self.finished[job.job_id] = ts

@@ -29,7 +29,7 @@ RETRY_UNKNOWN_S = 60.0
 
 def builtin_catalogue() -> list[BlueprintInfo]:
     return [
-        BlueprintInfo(spec.name, tuple(spec.hosts), spec.default_blend)
+        BlueprintInfo(spec.name, tuple(spec.hosts), spec.default_blend, spec.widens)
         for spec in BUILTIN_BLUEPRINTS.values()
     ]
 
@@ -127,4 +127,5 @@ def _info(item: Any) -> BlueprintInfo:
         name=str(spec["name"]),
         hosts=tuple(str(h) for h in spec["hosts"]),
         default_blend="lerp" if spec.get("default_blend") == "lerp" else "add",
+        widens=spec.get("widens") is True,
     )

@@ -1,12 +1,13 @@
 """Where to grow and with what: the layer ranking and the blueprint choice by strategy.
 
 The layer signal (README, "Which layer"): by default the host layer's gradient norm × its live
-fraction (1 − dead_fraction), averaged over recent reports. A layer the loss still pulls hard on
-at a plateau is one the optimizer cannot satisfy with the units it has: that is where new capacity
-pays (the same reasoning GradMax-style growth uses). Gradient norms are measured only on sampled
-training steps (`training.telemetry_every_steps`); a job that reports per epoch only has none, and
-then the layers are ranked by activation variance × live fraction instead — the decision's
-evidence says which signal ranked them.
+fraction (1 − dead_fraction), averaged over recent reports; for a layer the job can widen, the
+gradient that new hidden units there would get (`LayerStats.growth_gain`) instead. A layer the
+loss still pulls hard on at a plateau is one the optimizer cannot satisfy with the units it has:
+that is where new capacity pays (the same reasoning GradMax-style growth uses). Gradient norms
+are measured only on sampled training steps (`training.telemetry_every_steps`); a job that
+reports per epoch only has none, and then the layers are ranked by activation variance × live
+fraction instead — the decision's evidence says which signal ranked them.
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ class BlueprintInfo:
     name: str
     hosts: tuple[str, ...]
     default_blend: Blend = "add"
+    widens: bool = False
+    """Its seeds add hidden units between a layer and the next (only where the job says a layer
+    has one: `LayerStats.next_layer`)."""
 
-    def fits(self, kind: str | None) -> bool:
+    def fits(self, kind: str | None, widenable: bool = False) -> bool:
         """On a layer of unknown kind only a blueprint that serves every kind is safe."""
+        if self.widens and not widenable:
+            return False
         if kind is None:
             return all(k in self.hosts for k in HOST_KINDS)
         return kind in self.hosts
@@ -83,8 +89,13 @@ def rank_layers(state: JobState, config: PolicyConfig) -> LayerRanking:
 
 
 def _score(state: JobState, name: str, signal: str) -> float | None:
+    """Under the gradient signal a layer the job can widen is scored by the gradient new units
+    there would get (`growth_gain`), the others by their own weights' gradient: both are norms
+    of E[∂L/∂y·xᵀ] for units reading the layer's input, so they compare."""
     view = state.layers[name]
-    return view.gradient_score if signal == "gradient" else view.variance_score
+    if signal != "gradient":
+        return view.variance_score
+    return view.gain_score if view.gain_score is not None else view.gradient_score
 
 
 def ordered(catalogue: Sequence[BlueprintInfo], config: PolicyConfig) -> list[BlueprintInfo]:
@@ -108,15 +119,23 @@ def choose_blueprint(
     kind: str | None,
     catalogue: Sequence[BlueprintInfo],
     config: PolicyConfig,
+    widenable: bool = False,
 ) -> Choice | None:
-    """A blueprint for a layer of `kind` by the configured strategy, or None if none may go."""
+    """A blueprint for a layer of `kind` (`widenable`: one the job can widen) by the configured
+    strategy, or None if none may go."""
     candidates = [
         b
         for b in ordered(catalogue, config)
-        if b.fits(kind) and _failures(state, b.name) < config.max_blueprint_failures
+        if b.fits(kind, widenable) and _failures(state, b.name) < config.max_blueprint_failures
     ]
     if not candidates:
         return None
+    widening = [b for b in candidates if b.widens]
+    if config.prefer_widening and widening:
+        return Choice(
+            widening[0],
+            "widen first: the layer can take new hidden units, the capacity a narrow layer lacks",
+        )
     if config.strategy == "specialize":
         best = _best_measured(state, candidates)
         if best is not None:

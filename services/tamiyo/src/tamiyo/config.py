@@ -23,6 +23,7 @@ MAX_WINDOW = 64
 many epochs of losses, at most, in every job's state."""
 
 PREFERENCE: tuple[str, ...] = (
+    "widen",
     "residual_mlp",
     "wide_mlp",
     "bottleneck",
@@ -81,6 +82,22 @@ class PolicyConfig(BaseModel):
     strategy: Strategy = Field(
         default="diversify",
         description="how the blueprint is chosen: diversify, specialize or ensemble",
+    )
+    bottleneck_ratio: float | None = Field(
+        default=2.0,
+        gt=1.0,
+        le=1000.0,
+        description="grow before any plateau when, on a layer the job can widen, new hidden "
+        "units would get at least this many times the gradient of the layer's own weights "
+        "(growth_gain / grad_norm, averaged like the layer signal): a layer too narrow for what "
+        "the loss asks of it (null: off)",
+    )
+    prefer_widening: bool = Field(
+        default=True,
+        description="on a layer the job can widen (one followed by another through an "
+        "activation), a widening blueprint goes first whatever the strategy: new hidden units "
+        "where the layer is narrow, before branches around it; another is chosen once widening "
+        "has failed max_blueprint_failures times",
     )
     blueprints: list[BlueprintName] | None = Field(
         default=None,

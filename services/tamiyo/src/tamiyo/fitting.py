@@ -14,6 +14,12 @@ depends on the reports alone.
   train_loss improved by less than `train_stall_delta` (relative) over `train_stall_epochs`
   epoch reports. A model that does not overfit and cannot lower its own training loss lacks
   capacity: it underfits, even while its val_loss creeps down too slowly to plateau.
+- **A narrow layer**: on a layer the job can widen, new hidden units would get at least
+  `bottleneck_ratio` times the gradient of the layer's own weights (growth_gain / grad_norm,
+  averaged over the reports): the error the next layer sees is correlated with directions of the
+  layer's input that its few units, behind their activations and the next layer's weights, do not
+  pass on. The loss may still be falling — slowly, through a bottleneck — and a plateau may be
+  many epochs away.
 """
 
 from __future__ import annotations
@@ -32,6 +38,30 @@ class Stall:
     train_to: float
     improvement: float
     """Relative: (train_from − train_to) / train_from."""
+
+
+@dataclass(frozen=True)
+class Bottleneck:
+    layer: str
+    ratio: float
+
+
+def narrow_layer(state: JobState, config: PolicyConfig) -> Bottleneck | None:
+    """The widenable layer whose bottleneck score is highest, if it reaches bottleneck_ratio."""
+    if config.bottleneck_ratio is None:
+        return None
+    found = [
+        (view.bottleneck_score, -view.order, name)
+        for name, view in state.layers.items()
+        if view.next_layer is not None
+        and not view.full
+        and view.bottleneck_score is not None
+        and view.bottleneck_score >= config.bottleneck_ratio
+    ]
+    if not found:
+        return None
+    ratio, _, name = max(found)
+    return Bottleneck(name, ratio)
 
 
 def record(state: JobState, report: TelemetryReport, config: PolicyConfig) -> None:

@@ -61,8 +61,22 @@ class LayerView(_State):
     gradient_score: float | None = Field(
         default=None, description="running average of grad_norm × (1 − dead_fraction)"
     )
+    gain_score: float | None = Field(
+        default=None,
+        description="running average of growth_gain (layers the job can widen, on sampled steps)",
+    )
+    bottleneck_score: float | None = Field(
+        default=None,
+        description="running average of growth_gain / grad_norm: how many times the gradient "
+        "of the layer's own weights new units between it and its next layer would get",
+    )
     variance_score: float | None = Field(
         default=None, description="running average of activation_variance × (1 − dead_fraction)"
+    )
+    next_layer: LayerName | None = Field(
+        default=None,
+        description="the layer a widening seed of this one adds to, as the job reports it "
+        "(None: this layer cannot be widened)",
     )
     failures: int = Field(
         default=0, description="seeds of this layer retired, or gone before their verdict"

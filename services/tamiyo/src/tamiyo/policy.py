@@ -32,7 +32,14 @@ from esper.contracts import Action, Blend, Message, Scalar, TelemetryReport
 from esper.contracts.control import Strategy
 from tamiyo.choice import BlueprintInfo, choose_blueprint, rank_layers
 from tamiyo.config import PolicyConfig
-from tamiyo.fitting import Stall, overfit_note, train_progress, train_stall
+from tamiyo.fitting import (
+    Bottleneck,
+    Stall,
+    narrow_layer,
+    overfit_note,
+    train_progress,
+    train_stall,
+)
 from tamiyo.models import JobState, SeedTrack
 from tamiyo.tracking import judged_by_tamiyo, under_evaluation
 
@@ -115,9 +122,11 @@ class HeuristicPolicy(Policy):
         return None
 
     @staticmethod
-    def _gate(state: JobState, report: TelemetryReport, config: PolicyConfig) -> str | Stall | None:
-        """Why not germinate now; else what calls for growth: the plateau (None) or a stalled
-        train_loss."""
+    def _gate(
+        state: JobState, report: TelemetryReport, config: PolicyConfig
+    ) -> str | Stall | Bottleneck | None:
+        """Why not germinate now; else what calls for growth: the plateau (None), a stalled
+        train_loss, or a layer too narrow for what the loss asks of it."""
         epoch = report.epoch
         if state.morphogenesis_off:
             return "the job refused a germination: its morphogenesis is off"
@@ -153,6 +162,9 @@ class HeuristicPolicy(Policy):
         stall = train_stall(state, config)
         if stall is not None:
             return stall
+        narrow = narrow_layer(state, config)
+        if narrow is not None:
+            return narrow
         return (
             f"no plateau: {state.stale_epochs} of {config.patience} epochs without a val_loss "
             f"better than {state.best_val_loss} by {config.min_delta}; "
@@ -209,18 +221,26 @@ class HeuristicPolicy(Policy):
     # ----------------------------------------------------------- germination
     @staticmethod
     def _germinate(
-        state: JobState, report: TelemetryReport, context: Context, stall: Stall | None
+        state: JobState,
+        report: TelemetryReport,
+        context: Context,
+        trigger: Stall | Bottleneck | None,
     ) -> list[Proposal]:
         config = context.config
-        why = "plateau" if stall is None else "train_loss stalled"
+        stall = trigger if isinstance(trigger, Stall) else None
+        narrow = trigger if isinstance(trigger, Bottleneck) else None
+        why = "plateau" if trigger is None else "train_loss stalled" if stall else "narrow layer"
         ranking = rank_layers(state, config)
+        if narrow is not None:  # the narrow layer itself, wherever the signal ranks it
+            ranking.layers[:] = [r for r in ranking.layers if r.name == narrow.layer]
         if not ranking.layers:
             excluded = ", ".join(f"{n}: {cause}" for n, cause in ranking.excluded.items())
             state.note = f"{why}, but no layer can take a seed ({excluded or 'no layers seen'})"
             return []
         for position, ranked in enumerate(ranking.layers):
             kind = state.layers[ranked.name].kind
-            choice = choose_blueprint(state, kind, context.catalogue, config)
+            widenable = state.layers[ranked.name].next_layer is not None
+            choice = choose_blueprint(state, kind, context.catalogue, config, widenable)
             if choice is None:
                 continue
             blueprint = choice.blueprint
@@ -238,15 +258,23 @@ class HeuristicPolicy(Policy):
                 "runner_up_layer": runner_up.name if runner_up else None,
                 "runner_up_score": runner_up.score if runner_up else None,
                 "layer_kind": kind,
+                "widens_into": state.layers[ranked.name].next_layer if blueprint.widens else None,
                 "layer_failures": state.layers[ranked.name].failures,
                 "strategy": config.strategy,
                 "catalogue": context.catalogue_source,
                 "live_seeds": state.live_seeds(),
                 "max_seeds_per_job": config.max_seeds_per_job,
                 "train_loss": report.train_loss,
-                "growth_trigger": "plateau" if stall is None else "train_stall",
+                "growth_trigger": (
+                    "plateau" if trigger is None else "train_stall" if stall else "bottleneck"
+                ),
                 "unpaid_germinations": state.unpaid_germinations,
             }
+            if narrow is not None:
+                evidence |= {
+                    "bottleneck_score": narrow.ratio,
+                    "bottleneck_ratio": config.bottleneck_ratio,
+                }
             if stall is not None:
                 evidence |= {
                     "train_loss_from": stall.train_from,
@@ -255,7 +283,7 @@ class HeuristicPolicy(Policy):
                     "train_stall_delta": config.train_stall_delta,
                 }
             reason = (
-                f"{_trigger(state, config, stall)}; layer {ranked.name!r} ranks "
+                f"{_trigger(state, config, trigger)}; layer {ranked.name!r} ranks "
                 f"{'first' if position == 0 else f'#{position + 1}'} by {ranking.signal} "
                 f"({ranked.score:.4g}); blueprint {blueprint.name} — {choice.why}"
             )
@@ -277,12 +305,20 @@ class HeuristicPolicy(Policy):
         return []
 
 
-def _trigger(state: JobState, config: PolicyConfig, stall: Stall | None) -> str:
-    if stall is None:
+def _trigger(state: JobState, config: PolicyConfig, trigger: Stall | Bottleneck | None) -> str:
+    if trigger is None:
         return (
             f"val_loss plateaued ({state.stale_epochs} epochs without beating "
             f"{state.best_val_loss} by {config.min_delta})"
         )
+    if isinstance(trigger, Bottleneck):
+        return (
+            f"underfitting: layer {trigger.layer!r} is narrow — new units there would get "
+            f"{trigger.ratio:.2f}× the gradient of its own weights (≥ bottleneck_ratio "
+            f"{config.bottleneck_ratio}), and not overfitting, before any val_loss plateau "
+            f"({state.stale_epochs} of {config.patience} epochs)"
+        )
+    stall = trigger
     return (
         f"underfitting: train_loss stalled ({stall.train_from:.4g} → {stall.train_to:.4g}, "
         f"{stall.improvement:.1%} over {stall.epochs} epochs < train_stall_delta "

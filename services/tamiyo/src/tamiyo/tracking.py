@@ -120,6 +120,8 @@ def _enter_points(state: JobState) -> None:
     state.points = True
     for view in state.layers.values():
         view.gradient_score = None
+        view.gain_score = None
+        view.bottleneck_score = None
         view.variance_score = None
 
 
@@ -128,6 +130,7 @@ def _layers(state: JobState, report: TelemetryReport, config: PolicyConfig) -> N
     for order, stats in enumerate(report.layers):
         view = state.layers.get(stats.layer) or LayerView(order=order)
         view.order = order
+        view.next_layer = stats.next_layer
         view.activation_mean = stats.activation_mean
         view.activation_variance = stats.activation_variance
         view.dead_fraction = stats.dead_fraction
@@ -138,6 +141,11 @@ def _layers(state: JobState, report: TelemetryReport, config: PolicyConfig) -> N
         live = None if stats.dead_fraction is None else 1.0 - stats.dead_fraction
         if live is not None and stats.grad_norm is not None:
             view.gradient_score = _smooth(view.gradient_score, stats.grad_norm * live, keep)
+        if stats.growth_gain is not None:
+            view.gain_score = _smooth(view.gain_score, stats.growth_gain, keep)
+            if stats.grad_norm:
+                ratio = stats.growth_gain / stats.grad_norm
+                view.bottleneck_score = _smooth(view.bottleneck_score, ratio, keep)
         if live is not None and stats.activation_variance is not None:
             view.variance_score = _smooth(
                 view.variance_score, stats.activation_variance * live, keep

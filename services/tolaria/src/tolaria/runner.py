@@ -128,15 +128,8 @@ def finish(runtime: JobRuntime, status: JobStatus, error: str | None, **fields: 
         )
 
     view = runtime.reliably(lambda: runtime.store.update(runtime.job_id, end), "finish the job")
-    runtime.emit(
-        JobStatusChanged(
-            job_id=view.job_id,
-            status=status,
-            previous="RUNNING",
-            error=error[:2000] if error else None,
-            attempt=max(1, view.attempt),
-        )
-    )
+    # From the record as written, so the event's final metrics are the job view's.
+    runtime.emit(JobStatusChanged.ended(view))
 
 
 def main(job_id: str) -> int:

@@ -45,6 +45,9 @@ from tolaria.runtime import JobRuntime
 log = logging.getLogger("tolaria.job")
 
 
+SAMPLE_ROWS = 512  # training rows a widening seed's data-driven start is computed from
+
+
 class StopRequested(Exception):
     pass
 
@@ -150,6 +153,7 @@ class JobTrainer:
                 self.morph,
                 runtime.emit,
                 kernel_format=self.morph.kernel_format,
+                loss_on_sample=self.loss_on_sample,
             )
             self.orchestrator.attach()
             self.points = DecisionPoints(runtime, self.orchestrator, self.morph)
@@ -400,6 +404,17 @@ class JobTrainer:
                 ).accuracy
         self.metrics = self.metrics.model_copy(update=update)
         log.info(summary(self.metrics, self.progress.epoch, self.training.epochs))
+
+    def loss_on_sample(self) -> torch.Tensor:
+        """The loss on the first SAMPLE_ROWS training rows, in eval mode (no batch-norm statistics
+        move): the fixed sample a widening seed's fan-in is computed from."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            rows = slice(0, SAMPLE_ROWS)
+            return self.loss_fn(self.model(self.data.train_x[rows]), self.data.train_y[rows])
+        finally:
+            self.model.train(was_training)
 
     @torch.no_grad()
     def evaluate(

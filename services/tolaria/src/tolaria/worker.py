@@ -198,16 +198,8 @@ class Worker:
                 self.settings.bus,
                 "log",
             )
-            envelope = Envelope.wrap(
-                JobStatusChanged(
-                    job_id=job_id,
-                    status=view.status,
-                    previous="RUNNING",
-                    error=view.error,
-                    attempt=max(1, view.attempt),
-                ),
-                source="tolaria",
-            )
+            # With whatever the crashed attempts measured, as the job view shows it.
+            envelope = Envelope.wrap(JobStatusChanged.ended(view), source="tolaria")
             await retrying(
                 lambda: self.store.append_event(job_id, envelope), self.settings.bus, "event"
             )

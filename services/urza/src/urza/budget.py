@@ -67,7 +67,8 @@ def check_compile_budget(
 ) -> CompileEstimate:
     """Raises KernelBudgetError, naming the estimate and the budget, over either limit."""
     estimate = estimate_compile(spec, host)
-    where = f"blueprint {spec.name!r} for {host.kind} {host.in_features}→{host.out_features}"
+    then = "" if host.downstream is None else f"→{host.downstream.out_features}"
+    where = f"blueprint {spec.name!r} for {host.kind} {host.in_features}→{host.out_features}{then}"
     check_budget(estimate, where, max_params, max_memory_bytes)
     return estimate
 

@@ -19,11 +19,11 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from torch.utils.flop_counter import FlopCounterMode
 
+from esper.blueprints.builder import check_host, host_for
 from esper.blueprints.compiler import compile_blueprint, compile_kernel_id
 from esper.blueprints.spec import BlueprintSpec
 from esper.contracts import CompileRequest, HostSignature, KernelMeta, KernelResult, KernelUpload
 from esper.exceptions import (
-    BlueprintHostError,
     CorruptArtifactError,
     DigestMismatchError,
     EsperError,
@@ -110,11 +110,9 @@ class CompileService:
         record = await asyncio.to_thread(
             self.store.get_blueprint, request.blueprint, request.blueprint_version
         )
-        spec, host = record.spec, request.host
-        if host.kind not in spec.hosts:
-            raise BlueprintHostError(
-                f"blueprint {spec.name!r} serves {'/'.join(spec.hosts)} hosts, not {host.kind}"
-            )
+        spec = record.spec
+        host = host_for(spec, request.host)  # a plain blueprint offered a widening host
+        check_host(spec, host)
         kernel_id = compile_kernel_id(spec, host, request.format)
         created = False
         if not await asyncio.to_thread(self.store.has_kernel, kernel_id):
@@ -243,8 +241,16 @@ class CompileService:
         template = deserialize(KernelArtifact(meta, data))
         if upload.format == "torchscript":
             self._check_upload_budget(upload, estimate_loaded_upload(template))
-        host_layer = upload.host.reference_module()
-        module = KernelExecutor().prepare(template, host_layer, kernel_id, "upload")
+        # A widening host is probed with its two layers: the kernel must give their output.
+        host = upload.host
+        downstream = host.downstream.reference_module() if host.downstream is not None else None
+        module = KernelExecutor().prepare(
+            template,
+            host.layer.reference_module(),
+            kernel_id,
+            "upload",
+            downstream_layer=downstream,
+        )
         probe = probe_input(upload.host, batch=1)
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():

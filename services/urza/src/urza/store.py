@@ -75,7 +75,7 @@ def check_tag(tag: str) -> None:
 
 
 def _canonical(spec: BlueprintSpec) -> str:
-    return json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return json.dumps(spec.canonical(), sort_keys=True, separators=(",", ":"))
 
 
 def _encode_cursor(meta: KernelMeta) -> str:

@@ -17,6 +17,7 @@ from esper.blueprints.spec import (
     DepthwiseOp,
     GLUOp,
     HostProjOp,
+    NextProjOp,
     NormOp,
     OpSpec,
     ProjectOp,
@@ -36,22 +37,52 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+def host_for(spec: BlueprintSpec, host: HostSignature) -> HostSignature:
+    """The host `spec` compiles for when offered `host`: a layer that can be widened is offered
+    with its downstream layer (the orchestrator does not know which blueprints widen), which a
+    plain blueprint leaves aside: it compiles for the layer alone."""
+    return host if spec.widens else host.layer
+
+
+def check_host(spec: BlueprintSpec, host: HostSignature) -> None:
+    """Raise BlueprintHostError unless `spec` can be built for `host`: a kind it serves, and a
+    widening host (one with `downstream`) for a widening blueprint, a plain one otherwise."""
+    if host.kind not in spec.hosts:
+        raise BlueprintHostError(
+            f"blueprint {spec.name!r} serves {'/'.join(spec.hosts)} hosts, not {host.kind}"
+        )
+    if spec.widens and host.downstream is None:
+        raise BlueprintHostError(
+            f"blueprint {spec.name!r} widens a layer into the next one: compile it for a "
+            "widening host, HostSignature.of(layer).widening(HostSignature.of(next_layer))"
+        )
+    if not spec.widens and host.downstream is not None:
+        raise BlueprintHostError(
+            f"blueprint {spec.name!r} is not a widening blueprint: compile it for the layer's "
+            "own signature (host.layer, without downstream), or use a widening blueprint"
+        )
+
+
 class _Builder:
     def __init__(self, spec: BlueprintSpec, host: HostSignature) -> None:
-        if host.kind not in spec.hosts:
-            raise BlueprintHostError(
-                f"blueprint {spec.name!r} serves {'/'.join(spec.hosts)} hosts, not {host.kind}"
-            )
+        check_host(spec, host)
         self.spec, self.host = spec, host
         self.conv = host.kind == "conv2d"
-        self.env = {"in": float(host.in_features), "out": float(host.out_features), **spec.params}
+        # A widening seed maps A's input to B's output; `mid` is A's output, the widened width.
+        self.env = {
+            "in": float(host.in_features),
+            "out": float(host.seed_out_features),
+            **({"mid": float(host.out_features)} if spec.widens else {}),
+            **spec.params,
+        }
 
     def build(self) -> nn.Sequential:
         width, layers = self.sequence(self.spec.body, self.host.in_features, "body")
-        if width != self.host.out_features:
+        if width != self.host.seed_out_features:
+            whose = "the next layer" if self.spec.widens else "the host"
             raise BlueprintHostError(
-                f"blueprint {self.spec.name!r} ends at width {width}, but the host outputs "
-                f"{self.host.out_features}"
+                f"blueprint {self.spec.name!r} ends at width {width}, but {whose} outputs "
+                f"{self.host.seed_out_features}"
             )
         return nn.Sequential(*layers)
 
@@ -70,6 +101,8 @@ class _Builder:
 
     def op(self, op: OpSpec, width: int, where: str) -> tuple[int, nn.Module]:
         h = self.host
+        if isinstance(op, NextProjOp):
+            return self.next_proj(op, width, where)
         if isinstance(op, ProjectOp):  # HostProjOp too
             out = self.size(op.out, where)
             if not self.conv:
@@ -121,6 +154,17 @@ class _Builder:
                 raise BlueprintHostError(f"{where}: the body maps width {width} to {inner}")
             return width, Residual(nn.Sequential(*layers))
         raise BlueprintHostError(f"{where}: unknown op")  # unreachable: the spec is validated
+
+    def next_proj(self, op: NextProjOp, width: int, where: str) -> tuple[int, nn.Module]:
+        d = self.host.downstream
+        assert d is not None  # check_host: a widening blueprint is built for a widening host
+        out = self.size(op.out, where)
+        if not self.conv:
+            return out, nn.Linear(width, out, bias=op.bias)
+        # Dense (groups 1) like host_proj: the new units feed every output channel.
+        return out, nn.Conv2d(
+            width, out, d.kernel_size, d.stride, d.padding, d.dilation, bias=op.bias
+        )
 
 
 def instantiate(spec: BlueprintSpec, host: HostSignature, seed: int = 0) -> nn.Sequential:

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from esper.blueprints.builder import instantiate
+from esper.blueprints.builder import host_for, instantiate
 from esper.blueprints.library import get_blueprint
 from esper.blueprints.spec import BlueprintSpec
 from esper.contracts.kernels import HostSignature, KernelMeta
 from esper.contracts.vocabulary import KernelFormat
-from esper.exceptions import CompileError, EsperError
+from esper.exceptions import BlueprintHostError, CompileError, EsperError
 from esper.kernels.artifact import KernelArtifact, digest_of, kernel_id_for
 from esper.kernels.executor import (
     deserialize,
@@ -32,12 +32,16 @@ LATENCY_RUNS = 15
 
 
 def compile_kernel_id(spec: BlueprintSpec, host: HostSignature, fmt: KernelFormat) -> str:
+    """The id of what `compile_blueprint(spec, host, fmt)` makes (see `host_for`)."""
+    host = host_for(spec, host)
+    # Without `downstream` for a plain host: plain kernels keep the ids they had before it.
+    exclude = {"downstream"} if host.downstream is None else set()
     return kernel_id_for(
         {
             "compiler": COMPILER_VERSION,
             "torch": torch.__version__.split("+")[0],
-            "blueprint": spec.model_dump(mode="json"),
-            "host": host.model_dump(mode="json"),
+            "blueprint": spec.canonical(),
+            "host": host.model_dump(mode="json", exclude=exclude),
             "format": fmt,
         }
     )
@@ -52,7 +56,12 @@ def compile_blueprint(
 ) -> KernelArtifact:
     """Instantiate, initialise function-preserving, export and serialize, validate, measure."""
     spec = get_blueprint(blueprint) if isinstance(blueprint, str) else blueprint
-    signature = host if isinstance(host, HostSignature) else HostSignature.of(host)
+    if spec.widens and not isinstance(host, HostSignature):
+        raise BlueprintHostError(
+            f"blueprint {spec.name!r} widens a layer into the next one, which a module does not "
+            "name: pass HostSignature.of(layer).widening(HostSignature.of(next_layer))"
+        )
+    signature = host_for(spec, host if isinstance(host, HostSignature) else HostSignature.of(host))
     if fmt not in get_args(KernelFormat):
         raise CompileError(f"unknown kernel format {fmt!r}; use 'export' or 'torchscript'")
     kernel_id = compile_kernel_id(spec, signature, fmt)
@@ -99,7 +108,8 @@ def dry_run(spec: BlueprintSpec, host: HostSignature) -> None:
 
 
 def _where(spec: BlueprintSpec, host: HostSignature) -> str:
-    return f"blueprint {spec.name!r} for {host.kind} {host.in_features}→{host.out_features}"
+    then = "" if host.downstream is None else f"→{host.downstream.out_features}"
+    return f"blueprint {spec.name!r} for {host.kind} {host.in_features}→{host.out_features}{then}"
 
 
 def _instantiate_checked(

@@ -120,6 +120,20 @@ _SPECS: list[dict[str, Any]] = [
             {"op": "project", "out": "out"},
         ],
     },
+    {
+        "name": "widen",
+        "description": (
+            "k = max(4, mid·ratio) new hidden units between this layer and the next (ratio 0.5)"
+        ),
+        "hosts": ["linear", "conv2d"],
+        "widens": True,
+        "params": {"ratio": 0.5},
+        "body": [
+            {"op": "host_proj", "out": "max(4, mid*ratio)"},
+            {"op": "act", "fn": "relu"},
+            {"op": "next_proj", "out": "out"},
+        ],
+    },
 ]
 
 BUILTIN_BLUEPRINTS: dict[str, BlueprintSpec] = {

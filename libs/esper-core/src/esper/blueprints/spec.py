@@ -5,12 +5,18 @@ channels) and the blueprint's `params`, e.g. `"max(8, out/4)"`. Ops that carry t
 (`host_proj`, and `conv`/`depthwise` with `kernel: "host"`) apply the host's kernel size, stride,
 padding and dilation, so the seed's output has the host's spatial shape; a conv blueprint has
 exactly one of them at top level. There is no dropout: an exported kernel would bake its mode in.
+
+A *widening* blueprint (`widens: true`) grows a layer A and the next layer B (A → act → B) by
+k hidden units: its seed reads A's input and adds to B's output, so it is compiled only for a
+widening host (a `HostSignature` with `downstream`). Its last op is `next_proj`, a projection
+with B's geometry; `in` is A's input width, `out` B's output width and `mid` A's output width
+(the hidden width being widened). Only a widening blueprint may name `mid` or use `next_proj`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -20,7 +26,7 @@ from esper.exceptions import BlueprintSpecError
 
 Size = int | str
 HostKind = Literal["linear", "conv2d"]
-RESERVED_NAMES = {"in", "in_", "out", "min", "max"}  # `in` is parsed as `in_`
+RESERVED_NAMES = {"in", "in_", "out", "mid", "min", "max"}  # `in` is parsed as `in_`
 MAX_OPS = 32
 MAX_KERNEL = 31  # an op's own kernel size (odd); a bigger one is a host's (`kernel: "host"`)
 
@@ -59,6 +65,19 @@ class HostProjOp(ProjectOp):
     @property
     def carries_geometry(self) -> bool:
         return True
+
+
+class NextProjOp(_Op):
+    """A projection with the downstream layer's geometry (Linear, or its conv kernel/stride/…):
+    the last op of a widening blueprint, mapping the new hidden units to the next layer's
+    output."""
+
+    op: Literal["next_proj"] = "next_proj"
+    out: Size
+    bias: bool = True
+
+    def sizes(self) -> list[Size]:
+        return [self.out]
 
 
 class _KernelOp(_Op):
@@ -152,6 +171,7 @@ class ResidualOp(_Op):
 OpSpec = Annotated[
     ProjectOp
     | HostProjOp
+    | NextProjOp
     | ConvOp
     | DepthwiseOp
     | NormOp
@@ -190,6 +210,9 @@ class BlueprintSpec(BaseModel):
     default_blend: Blend = "add"
     params: dict[str, float] = Field(default_factory=dict)
     body: list[OpSpec] = Field(min_length=1)
+    widens: bool = False
+    """A widening blueprint: its seeds read the host's input and add to the next layer's
+    output — k new hidden units between the two; compiled only for a widening host."""
 
     @model_validator(mode="after")
     def _validate(self) -> BlueprintSpec:
@@ -200,7 +223,7 @@ class BlueprintSpec(BaseModel):
             raise ValueError("hosts lists a kind twice")
         if _count(self.body) > MAX_OPS:
             raise ValueError(f"more than {MAX_OPS} ops")
-        names = {"in", "out", *self.params}
+        names = {"in", "out", *(["mid"] if self.widens else []), *self.params}
         for where, op, depth in _walk(self.body):
             if not isinstance(op, ResidualOp):  # a residual's sizes are its body's, checked there
                 for size in op.sizes():
@@ -212,17 +235,49 @@ class BlueprintSpec(BaseModel):
                     raise ValueError(f"{where} needs a conv2d host but hosts include 'linear'")
             if depth and op.carries_geometry:
                 raise ValueError(f"{where}: a residual body cannot carry the host's geometry")
+            if depth and isinstance(op, NextProjOp):
+                raise ValueError(f"{where}: a residual body cannot hold next_proj")
+        self._check_next_proj()
         if "conv2d" in self.hosts:
             geometry = [
                 f"body[{i}] ({op.op})" for i, op in enumerate(self.body) if op.carries_geometry
             ]
             if len(geometry) != 1:
+                before = " before its next_proj" if self.widens else ""
                 raise ValueError(
                     "a conv2d blueprint needs exactly one top-level op with the host's geometry "
-                    f"(host_proj, or conv/depthwise with kernel 'host'); found {len(geometry)}"
-                    + (f": {', '.join(geometry)}" if geometry else "")
+                    f"(host_proj, or conv/depthwise with kernel 'host'){before}; "
+                    f"found {len(geometry)}" + (f": {', '.join(geometry)}" if geometry else "")
                 )
         return self
+
+    def _check_next_proj(self) -> None:
+        """A widening body ends in its one next_proj (what maps to the next layer's output);
+        a plain one has none. Nested ones were refused by the walk."""
+        found = [
+            f"body[{i}] (next_proj)" for i, op in enumerate(self.body) if isinstance(op, NextProjOp)
+        ]
+        if not self.widens:
+            if found:
+                raise ValueError(
+                    f"{found[0]}: next_proj projects to the next layer; only a widening "
+                    "blueprint (widens: true) may use it"
+                )
+            return
+        if len(found) != 1 or not isinstance(self.body[-1], NextProjOp):
+            raise ValueError(
+                "a widening blueprint needs exactly one top-level next_proj, as its last op; "
+                f"found {len(found)}" + (f": {', '.join(found)}" if found else "")
+            )
+
+    def canonical(self) -> dict[str, Any]:
+        """The spec as JSON data for digests and kernel ids. `widens` is left out when false, so
+        a plain spec hashes as it did before widening blueprints existed: its Urza digest (a
+        changed one would refuse start-up on an existing store) and its kernel ids stay put."""
+        data = self.model_dump(mode="json")
+        if not self.widens:
+            del data["widens"]
+        return data
 
     @classmethod
     def parse(cls, data: object) -> BlueprintSpec:
@@ -245,6 +300,7 @@ class BlueprintSpec(BaseModel):
 _OP_TAGS = {
     "project",
     "host_proj",
+    "next_proj",
     "conv",
     "depthwise",
     "norm",

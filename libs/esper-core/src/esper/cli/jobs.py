@@ -108,13 +108,14 @@ def follow_job(esper: Esper, job_id: str) -> JobView:
 
 
 def show(view: JobView) -> None:
-    m = view.metrics
+    m, p = view.metrics, view.progress
     colour = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow"}.get(view.status, "cyan")
     console.print(
-        f"[bold]{view.job_id}[/] [{colour}]{view.status}[/] epoch {view.progress.epoch}/"
-        f"{view.progress.epochs}  val acc {fmt(m.val_accuracy, 3)}  test acc "
-        f"{fmt(m.test_accuracy, 3)}  samples/s {fmt(m.samples_per_s, 0)}"
+        f"[bold]{view.job_id}[/] [{colour}]{view.status}[/] epoch {p.epoch}/{p.epochs}  "
+        f"samples/s {fmt(m.samples_per_s, 0)}"
     )
+    for line in accuracy_lines(view):
+        console.print(f"  {line}")
     if view.error:
         console.print(f"  error: {view.error}")
     for seed in view.seeds:
@@ -122,6 +123,26 @@ def show(view: JobView) -> None:
             f"  seed {seed.layer}[{seed.seed}] {seed.state} α={seed.alpha:.2f} "
             f"{seed.blueprint or seed.kernel_id} contribution {fmt(seed.contribution, 3)}"
         )
+
+
+def accuracy_lines(view: JobView) -> list[str]:
+    """The last epoch's accuracies, the best validation epoch's (whose weights the job keeps) and
+    the model's cost. Epochs are counted from 1, as in the progress line and the job's log."""
+    m, epochs = view.metrics, view.progress.epochs
+    lines = [
+        f"last (epoch {view.progress.epoch}/{epochs}): val acc {fmt(m.val_accuracy, 3)}  "
+        f"test acc {fmt(m.test_accuracy, 3)}"
+    ]
+    if m.best_epoch is not None:
+        lines.append(
+            f"best (epoch {m.best_epoch + 1}/{epochs}): val acc {fmt(m.best_val_accuracy, 3)}  "
+            f"test acc {fmt(m.best_test_accuracy, 3)}"
+        )
+    if m.parameters is not None or m.train_flops is not None:
+        params = "–" if m.parameters is None else f"{m.parameters:,}"
+        flops = "–" if m.train_flops is None else f"{m.train_flops:.3g}"
+        lines.append(f"parameters {params}  training FLOPs {flops}")
+    return lines
 
 
 @app.command("list")

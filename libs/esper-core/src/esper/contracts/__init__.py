@@ -3,13 +3,17 @@
 Topics and the messages they carry:
 
     jobs        job.queued              JobQueued
-    telemetry   telemetry.report        TelemetryReport (v2: decision points; v1 still read)
+    telemetry   telemetry.report        TelemetryReport (v3: LayerStats.next_layer, the layer a
+                                        widening seed grows into; v2 TelemetryReportV2 and v1
+                                        TelemetryReportV1 still read)
     control     control.decision        ControlDecision
                 control.answer          ControlAnswer
     health      health.heartbeat        Heartbeat
     events      event.seed_transition   SeedTransition
-                event.job_status        JobStatusChanged
-                event.kernel_ready      KernelReady
+                event.job_status        JobStatusChanged (v2: an ended job's final `metrics`;
+                                        v1 JobStatusChangedV1 still read)
+                event.kernel_ready      KernelReady (v2: a widening host's `downstream`; v1
+                                        KernelReadyV1 still read)
                 event.decision_taken    DecisionTaken (v2; v1 DecisionTakenV1 still read)
                 event.decision_point_missed  DecisionPointMissed
 
@@ -49,7 +53,9 @@ from esper.contracts.events import (
     DecisionTaken,
     DecisionTakenV1,
     JobStatusChanged,
+    JobStatusChangedV1,
     KernelReady,
+    KernelReadyV1,
     RefusalCode,
     SeedTransition,
 )
@@ -69,9 +75,11 @@ from esper.contracts.kernels import HostSignature, KernelMeta
 from esper.contracts.kernels_api import CompileRequest, KernelLineage, KernelResult, KernelUpload
 from esper.contracts.telemetry import (
     LayerStats,
+    LayerStatsV2,
     SeedStats,
     TelemetryReport,
     TelemetryReportV1,
+    TelemetryReportV2,
     finite_or_none,
 )
 from esper.contracts.vocabulary import (
@@ -113,13 +121,16 @@ SCHEMA_VERSION = 1
 
 MESSAGES: tuple[type[Message], ...] = (
     TelemetryReport,
+    TelemetryReportV2,
     TelemetryReportV1,
     ControlDecision,
     ControlAnswer,
     Heartbeat,
     SeedTransition,
     JobStatusChanged,
+    JobStatusChangedV1,
     KernelReady,
+    KernelReadyV1,
     DecisionTaken,
     DecisionTakenV1,
     DecisionPointMissed,
@@ -182,6 +193,7 @@ __all__ = [
     "JobSpec",
     "JobStatus",
     "JobStatusChanged",
+    "JobStatusChangedV1",
     "JobSubmitted",
     "JobView",
     "KernelFormat",
@@ -189,12 +201,14 @@ __all__ = [
     "KernelLineage",
     "KernelMeta",
     "KernelReady",
+    "KernelReadyV1",
     "KernelResult",
     "KernelTag",
     "KernelUpload",
     "Key",
     "LayerName",
     "LayerStats",
+    "LayerStatsV2",
     "Message",
     "NonNegative",
     "Outcome",
@@ -213,6 +227,7 @@ __all__ = [
     "Tag",
     "TelemetryReport",
     "TelemetryReportV1",
+    "TelemetryReportV2",
     "Text",
     "Timestamp",
     "Unit",

@@ -4,14 +4,23 @@ decisions executed. Consumers count and display them; nobody asks for them to ha
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, ClassVar, Literal, cast, get_args
+from typing import TYPE_CHECKING, ClassVar, Literal, Self, cast, get_args
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    model_validator,
+)
 
 from esper.contracts._schema import fields_are, when
 from esper.contracts.envelope import Message, register
-from esper.contracts.kernels import HostSignature, KernelMeta
+from esper.contracts.jobs import JobMetrics, JobView
+from esper.contracts.kernels import MAX_HOST_FEATURES, HostSignature, KernelMeta, Pair
 from esper.contracts.vocabulary import (
+    TERMINAL_JOB_STATUSES,
     Action,
     BlueprintName,
     Count,
@@ -115,21 +124,19 @@ class DecisionPointMissed(Message):
     waited_s: float = Field(ge=0.0, le=86_400.0)
 
 
-@register
-class JobStatusChanged(Message):
-    """A training job moved from `previous` (null: just submitted) to `status`."""
+_STATUS_CHANGES: list[JsonValue] = [
+    when("status", {"const": s}, fields_are(previous={"not": {"const": s}}))
+    for s in get_args(JobStatus)
+]
+"""The schema's form of "a status change changes the status"."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "allOf": [
-                when("status", {"const": s}, fields_are(previous={"not": {"const": s}}))
-                for s in get_args(JobStatus)
-            ]
-        }
-    )
+
+class _JobStatusFields(Message):
+    """What every version of `event.job_status` carries."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": _STATUS_CHANGES})
 
     TYPE: ClassVar[str] = "event.job_status"
-    VERSION: ClassVar[int] = 1
     TOPIC: ClassVar[str] = "events"
 
     job_id: Identifier
@@ -141,29 +148,143 @@ class JobStatusChanged(Message):
     )
 
     @model_validator(mode="after")
-    def _changed(self) -> JobStatusChanged:
+    def _changed(self) -> Self:
         if self.status == self.previous:
             raise ValueError(f"status and previous are both {self.status}: nothing changed")
         return self
 
 
 @register
-class KernelReady(Message):
-    """Urza published a kernel: compiled from a blueprint, or uploaded after training."""
+class JobStatusChangedV1(_JobStatusFields):
+    """`event.job_status` v1: no metrics. Still read, from a Tolaria not yet upgraded;
+    `upgrade()` gives the current JobStatusChanged, with no metrics."""
+
+    VERSION: ClassVar[int] = 1
+
+    def upgrade(self) -> JobStatusChanged:
+        return JobStatusChanged(**self.model_dump())
+
+
+@register
+class JobStatusChanged(_JobStatusFields):
+    """A training job moved from `previous` (null: just submitted) to `status`; a job that ended
+    says what it measured last and at its best validation epoch."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                *_STATUS_CHANGES,
+                when(
+                    "status",
+                    {"enum": sorted(set(get_args(JobStatus)) - TERMINAL_JOB_STATUSES)},
+                    fields_are(metrics={"type": "null"}),
+                ),
+            ]
+        }
+    )
+
+    VERSION: ClassVar[int] = 2
+
+    metrics: JobMetrics | None = Field(
+        default=None,
+        description="the job's final metrics, on SUCCEEDED (and STOPPED/FAILED when any were "
+        "measured): the last epoch's (`test_*` with the last weights) and the best "
+        "validation epoch's (`best_*`); null while the job has not ended",
+    )
+
+    @model_validator(mode="after")
+    def _final_only(self) -> JobStatusChanged:
+        if self.metrics is not None and self.status not in TERMINAL_JOB_STATUSES:
+            raise ValueError(f"only an ended job has final metrics, not a {self.status} one")
+        return self
+
+    @classmethod
+    def ended(cls, view: JobView) -> JobStatusChanged:
+        """The event of a job's end, from its record as it was written: its status, error,
+        attempt, and metrics unless nothing was measured (all null would read as measured)."""
+        measured = view.metrics != JobMetrics()
+        return cls(
+            job_id=view.job_id,
+            status=view.status,
+            previous="RUNNING",
+            error=view.error,
+            attempt=max(1, view.attempt),
+            metrics=view.metrics if measured else None,
+        )
+
+
+class HostSignatureV1(BaseModel):
+    """A kernel's host as `event.kernel_ready` v1 carries it: one layer (no `downstream`), with
+    the geometry rules of `HostSignature`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["linear", "conv2d"]
+    in_features: int = Field(ge=1, le=MAX_HOST_FEATURES)
+    out_features: int = Field(ge=1, le=MAX_HOST_FEATURES)
+    kernel_size: Pair = (1, 1)
+    stride: Pair = (1, 1)
+    padding: Pair | Literal["same"] = (0, 0)
+    dilation: Pair = (1, 1)
+    groups: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> HostSignatureV1:
+        # The rules are HostSignature's, checked by it, so the two cannot drift apart.
+        try:
+            self.upgrade()
+        except ValidationError as err:
+            raise ValueError("; ".join(_bare(e["msg"]) for e in err.errors())) from None
+        return self
+
+    def upgrade(self) -> HostSignature:
+        return HostSignature(**self.model_dump())
+
+
+def _bare(message: str) -> str:
+    """A nested model validator's message without the "Value error, " that pydantic puts before
+    it, which the outer one would repeat."""
+    return message.removeprefix("Value error, ")
+
+
+class _KernelFields(Message):
+    """What every version of `event.kernel_ready` carries."""
 
     TYPE: ClassVar[str] = "event.kernel_ready"
-    VERSION: ClassVar[int] = 1
     TOPIC: ClassVar[str] = "events"
 
     kernel_id: KernelId
     name: str = Field(min_length=1, max_length=128)
     blueprint: BlueprintName | None = None
     format: KernelFormat
-    host: HostSignature
+    # Each version names the host signature it carries: v2 added widening hosts.
+    host: HostSignature | HostSignatureV1
     digest: Digest
     params: Count
     flops: Count
     tags: list[Tag] = Field(default_factory=list, max_length=64)
+
+
+@register
+class KernelReadyV1(_KernelFields):
+    """`event.kernel_ready` v1: its host is one layer, never a widening host. Still read, from
+    an Urza not yet upgraded; `upgrade()` gives the current KernelReady."""
+
+    VERSION: ClassVar[int] = 1
+
+    host: HostSignatureV1
+
+    def upgrade(self) -> KernelReady:
+        return KernelReady(**self.model_dump())
+
+
+@register
+class KernelReady(_KernelFields):
+    """Urza published a kernel: compiled from a blueprint, or uploaded after training."""
+
+    VERSION: ClassVar[int] = 2
+
+    host: HostSignature
 
     @classmethod
     def from_meta(cls, meta: KernelMeta, tags: list[str] | None = None) -> KernelReady:

@@ -10,14 +10,24 @@ from esper.contracts.events import (
     DecisionPointMissed,
     DecisionTaken,
     DecisionTakenV1,
+    HostSignatureV1,
     JobStatusChanged,
+    JobStatusChangedV1,
     KernelReady,
+    KernelReadyV1,
     SeedTransition,
 )
 from esper.contracts.health import Heartbeat
-from esper.contracts.jobs import JobQueued
+from esper.contracts.jobs import JobMetrics, JobQueued
 from esper.contracts.kernels import HostSignature
-from esper.contracts.telemetry import LayerStats, SeedStats, TelemetryReport, TelemetryReportV1
+from esper.contracts.telemetry import (
+    LayerStats,
+    LayerStatsV2,
+    SeedStats,
+    TelemetryReport,
+    TelemetryReportV1,
+    TelemetryReportV2,
+)
 
 JOB = "job-7f3a9c"
 KERNEL = "krn_0123456789abcdef01234567"
@@ -44,6 +54,7 @@ def examples() -> dict[type[Message], list[Message]]:
                         activation_variance=0.9,
                         dead_fraction=0.125,
                         grad_norm=0.034,
+                        next_layer="layer2",
                     ),
                     LayerStats(layer="layer2"),
                 ],
@@ -81,6 +92,17 @@ def examples() -> dict[type[Message], list[Message]]:
                 train_loss=None,
                 nonfinite=["train_loss"],
             ),
+        ],
+        TelemetryReportV2: [
+            TelemetryReportV2(
+                job_id=JOB,
+                epoch=3,
+                step=1200,
+                kind="epoch",
+                val_accuracy=0.87,
+                layers=[LayerStatsV2(layer="layer1", grad_norm=0.034)],
+                decision_point=True,
+            )
         ],
         TelemetryReportV1: [
             TelemetryReportV1(
@@ -182,6 +204,28 @@ def examples() -> dict[type[Message], list[Message]]:
                 error="CUDA out of memory",
                 attempt=2,
             ),
+            JobStatusChanged(
+                job_id=JOB,
+                status="SUCCEEDED",
+                previous="RUNNING",
+                attempt=1,
+                metrics=JobMetrics(
+                    train_loss=0.21,
+                    val_loss=0.31,
+                    val_accuracy=0.89,
+                    test_loss=0.33,
+                    test_accuracy=0.88,
+                    samples_per_s=5120.5,
+                    best_epoch=7,
+                    best_val_accuracy=0.91,
+                    best_test_accuracy=0.9,
+                    parameters=13_824,
+                    train_flops=4.2e12,
+                ),
+            ),
+        ],
+        JobStatusChangedV1: [
+            JobStatusChangedV1(job_id=JOB, status="SUCCEEDED", previous="RUNNING", attempt=1)
         ],
         KernelReady: [
             KernelReady(
@@ -190,6 +234,31 @@ def examples() -> dict[type[Message], list[Message]]:
                 blueprint="low_rank",
                 format="export",
                 host=HostSignature(kind="linear", in_features=16, out_features=32),
+                digest=DIGEST,
+                params=384,
+                flops=768,
+                tags=["efficiency_kernel_v1"],
+            ),
+            KernelReady(
+                kernel_id="krn_89abcdef0123456789abcdef",
+                name="widen",
+                blueprint="widen",
+                format="export",
+                host=HostSignature(kind="linear", in_features=16, out_features=32).widening(
+                    HostSignature(kind="linear", in_features=32, out_features=10)
+                ),
+                digest=DIGEST,
+                params=442,
+                flops=832,
+            ),
+        ],
+        KernelReadyV1: [
+            KernelReadyV1(
+                kernel_id=KERNEL,
+                name="low_rank",
+                blueprint="low_rank",
+                format="export",
+                host=HostSignatureV1(kind="linear", in_features=16, out_features=32),
                 digest=DIGEST,
                 params=384,
                 flops=768,

@@ -35,7 +35,13 @@ def _pair(value: int | tuple[int, ...]) -> Pair:
 
 class HostSignature(BaseModel):
     """A Linear host maps [..., in_features] → [..., out_features]; a Conv2d host maps
-    [B, in_features, H, W] → [B, out_features, H', W'] with its kernel/stride/padding/dilation."""
+    [B, in_features, H, W] → [B, out_features, H', W'] with its kernel/stride/padding/dilation.
+
+    A *widening* host also names its `downstream` layer, the next one, of the same kind, that
+    reads this layer's output through an elementwise activation. A seed for it reads this
+    layer's input and adds to the downstream layer's output: k new hidden units (channels)
+    between the two layers. Its kernels map this layer's input shape to the downstream layer's
+    output shape (`input_shape`, `output_shape`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -47,9 +53,21 @@ class HostSignature(BaseModel):
     padding: Pair | Literal["same"] = (0, 0)
     dilation: Pair = (1, 1)
     groups: int = Field(default=1, ge=1)
+    downstream: HostSignature | None = None
 
     @model_validator(mode="after")
     def _check(self) -> HostSignature:
+        if self.downstream is not None:
+            d = self.downstream
+            if d.downstream is not None:
+                raise ValueError("a downstream layer cannot name a downstream of its own")
+            if d.kind != self.kind:
+                raise ValueError(f"downstream is a {d.kind} layer, this one a {self.kind}")
+            if d.in_features != self.out_features:
+                raise ValueError(
+                    f"downstream reads {d.in_features} features, this layer gives "
+                    f"{self.out_features}"
+                )
         for name, limit in _PAIR_LIMITS.items():
             if min(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -99,11 +117,27 @@ class HostSignature(BaseModel):
             f"cannot wrap {type(module).__name__}: Kasmina hosts are nn.Linear and nn.Conv2d"
         )
 
+    def widening(self, downstream: HostSignature) -> HostSignature:
+        """This layer's signature as a widening host into `downstream` (see the class)."""
+        return self.model_copy(update={"downstream": downstream.model_copy(update={})})
+
+    @property
+    def layer(self) -> HostSignature:
+        """The host layer's own signature, without its downstream."""
+        return self if self.downstream is None else self.model_copy(update={"downstream": None})
+
+    @property
+    def seed_out_features(self) -> int:
+        """The width of a seed's output: the downstream layer's for a widening host."""
+        return self.out_features if self.downstream is None else self.downstream.out_features
+
     def reference_module(self) -> nn.Module:
         """A fresh layer of this geometry, for checking a kernel where the real host is absent
-        (Urza probes an uploaded kernel against one)."""
+        (Urza probes an uploaded kernel against one); for a widening host, the two layers."""
         from torch import nn
 
+        if self.downstream is not None:
+            return nn.Sequential(self.layer.reference_module(), self.downstream.reference_module())
         if self.kind == "linear":
             return nn.Linear(self.in_features, self.out_features)
         return nn.Conv2d(
@@ -125,9 +159,20 @@ class HostSignature(BaseModel):
         return (batch, self.in_features, *hw)
 
     def min_extent(self, dim: int) -> int:
-        return max(8, self.dilation[dim] * (self.kernel_size[dim] - 1) + 1)
+        """The smallest input extent along `dim` this host (and its downstream) can take."""
+        span = self.dilation[dim] * (self.kernel_size[dim] - 1) + 1
+        if self.downstream is None:
+            return max(8, span)
+        # Enough input that this layer's output covers the downstream layer's own minimum.
+        need = self.downstream.min_extent(dim)
+        return max(8, span + (need - 1) * self.stride[dim] - 2 * self._pad(dim))
+
+    def _pad(self, dim: int) -> int:
+        return 0 if self.padding == "same" else self.padding[dim]
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.downstream is not None:
+            return self.downstream.output_shape(self.layer.output_shape(input_shape))
         if self.kind == "linear":
             return (*input_shape[:-1], self.out_features)
         batch, _, h, w = input_shape

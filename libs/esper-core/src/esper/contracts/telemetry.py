@@ -15,8 +15,8 @@ so a diverging run is reported as diverging rather than as silent.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import ClassVar, Literal, get_args
+from collections.abc import Iterable, Sequence
+from typing import ClassVar, Literal, Self, get_args
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -36,6 +36,7 @@ from esper.contracts.vocabulary import (
 )
 
 Metric = Literal["train_loss", "val_loss", "val_accuracy", "samples_per_s"]
+MAX_LAYERS = 1024
 
 
 def finite_or_none(value: float | None) -> float | None:
@@ -44,8 +45,8 @@ def finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-class LayerStats(Part):
-    """One wrapped layer's statistics over the reporting window."""
+class _LayerFields(Part):
+    """What every version of a layer's statistics carries."""
 
     layer: LayerName
     activation_mean: float | None = None
@@ -56,6 +57,36 @@ class LayerStats(Part):
     grad_norm: NonNegative | None = Field(
         default=None, description="L2 norm of the host layer's parameter gradients"
     )
+
+
+class LayerStatsV2(_LayerFields):
+    """One wrapped layer's statistics over the reporting window, as `telemetry.report` v1 and v2
+    carry them: they do not say whether the layer can be widened."""
+
+
+class LayerStats(_LayerFields):
+    """One wrapped layer's statistics over the reporting window."""
+
+    next_layer: LayerName | None = Field(
+        default=None,
+        description="the next host layer, fed this layer's output through an elementwise "
+        "activation only: a widening seed of this layer adds its hidden units between the two "
+        "(None: this layer cannot be widened)",
+    )
+    growth_gain: NonNegative | None = Field(
+        default=None,
+        description="what new hidden units between this layer and `next_layer` could gain: "
+        "‖Σ ∂L/∂y_next · xᵀ‖_F over a sampled step's batch (x this layer's input, y_next the "
+        "next layer's output), the gradient a widening seed's fan-out gets at birth along the "
+        "best directions, on the scale of grad_norm; None when not measured (no next layer, a "
+        "conv layer, no sampled step)",
+    )
+
+    @model_validator(mode="after")
+    def _not_itself(self) -> LayerStats:
+        if self.next_layer == self.layer:
+            raise ValueError(f"layer {self.layer!r} names itself as its next layer")
+        return self
 
 
 class SeedStats(Part):
@@ -97,7 +128,8 @@ class _ReportFields(Message):
     val_loss: float | None = None
     val_accuracy: Unit | None = None
     samples_per_s: NonNegative | None = None
-    layers: list[LayerStats] = Field(default_factory=list, max_length=1024)
+    # Each version names the LayerStats it carries: v3 added `next_layer`.
+    layers: Sequence[_LayerFields] = Field(default_factory=list, max_length=MAX_LAYERS)
     seeds: list[SeedStats] = Field(default_factory=list, max_length=4096)
     nonfinite: list[Metric] = Field(
         default_factory=list,
@@ -109,19 +141,18 @@ class _ReportFields(Message):
 @register
 class TelemetryReportV1(_ReportFields):
     """`telemetry.report` v1: no decision points. Still read; `upgrade()` gives a report that
-    asks nothing."""
+    asks nothing, whose layers cannot be widened."""
 
     VERSION: ClassVar[int] = 1
+
+    layers: list[LayerStatsV2] = Field(default_factory=list, max_length=MAX_LAYERS)
 
     def upgrade(self) -> TelemetryReport:
         return TelemetryReport(**self.model_dump())
 
 
-@register
-class TelemetryReport(_ReportFields):
-    """A job's metrics at one point of training (`kind` says whether an epoch or a step ended)."""
-
-    VERSION: ClassVar[int] = 2
+class _AskingReportFields(_ReportFields):
+    """What every version of `telemetry.report` since decision points carries."""
 
     decision_point: bool = Field(
         default=False,
@@ -141,7 +172,7 @@ class TelemetryReport(_ReportFields):
         return f"{self.kind}:{self.epoch}:{self.step}"
 
     @model_validator(mode="after")
-    def _consistent(self) -> TelemetryReport:
+    def _consistent(self) -> Self:
         for name in self.nonfinite:
             if getattr(self, name) is not None:
                 raise ValueError(f"{name} is listed as non-finite but has a value")
@@ -152,6 +183,28 @@ class TelemetryReport(_ReportFields):
         if len(set(slots)) != len(slots):
             raise ValueError("seeds: a (layer, seed) slot appears more than once")
         return self
+
+
+@register
+class TelemetryReportV2(_AskingReportFields):
+    """`telemetry.report` v2: decision points, but its layers do not say whether they can be
+    widened. Still read; `upgrade()` gives a report whose layers cannot be."""
+
+    VERSION: ClassVar[int] = 2
+
+    layers: list[LayerStatsV2] = Field(default_factory=list, max_length=MAX_LAYERS)
+
+    def upgrade(self) -> TelemetryReport:
+        return TelemetryReport(**self.model_dump())
+
+
+@register
+class TelemetryReport(_AskingReportFields):
+    """A job's metrics at one point of training (`kind` says whether an epoch or a step ended)."""
+
+    VERSION: ClassVar[int] = 3
+
+    layers: list[LayerStats] = Field(default_factory=list, max_length=MAX_LAYERS)
 
     @classmethod
     def from_measurements(

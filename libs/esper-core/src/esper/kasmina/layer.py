@@ -9,6 +9,12 @@ by `_refresh_running()` after a lifecycle transition. α is a buffer updated in 
 which a `torch.compile`d model reads, so it survives α changes without recompiling, as PEFT does
 with LoRA scalings; eager forwards take α by value from the records (one fused add per seed).
 
+A *widening* seed (`SeedSlot.widens`) reads this layer's input like any seed, but its output,
+shaped like the output of the `downstream` layer (the next one, through an elementwise
+activation), is added there: k new hidden units between the two layers. This layer computes it
+in its forward and leaves it in `_pending`; the downstream layer, which knows it is fed
+(`_fed`), adds it to its own output in the same forward pass and clears it.
+
 With `dormant_bypass` on, a layer none of whose seeds runs has the host's bound `forward` as its
 own instance `forward`, so nn.Module.__call__ goes straight to the host: one module call less per
 layer per step, ~1.5 % of a tiny MLP's step. Hooks registered on `base_layer` itself then run only
@@ -70,6 +76,7 @@ class SeedInfo:
     blend: BlendMode
     grad_isolation: bool
     last_error: str | None
+    widens: bool = False
 
 
 class SlotStates:
@@ -135,6 +142,15 @@ class KasminaLayer(nn.Module):
         self._states = SlotStates(self._slots)
         self._running_lerp: tuple[int, ...] = ()
         self._running_add: tuple[int, ...] = ()
+        self._running_wide: tuple[int, ...] = ()
+        # Widening: the next layer (set by esper.wrap through `connect`), the layer feeding this
+        # one, and the output waiting for the downstream layer. Plain references, kept out of
+        # nn.Module's registry: the layers are registered where they sit in the model.
+        self.next_layer: str | None = None
+        self._downstream: KasminaLayer | None = None
+        self._upstream: KasminaLayer | None = None
+        self._fed = False
+        self._pending: torch.Tensor | None = None
         self.lifecycle = LifecycleManager(name, self.layout, self._states)
         self._dormant_bypass = dormant_bypass
         self._route()
@@ -142,9 +158,15 @@ class KasminaLayer(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self._running_lerp or self._running_add):
+        if not (self._running_lerp or self._running_add or self._running_wide or self._fed):
             return self.base_layer(x)  # dormant fast path: no extra op, no sync
         host = self.base_layer(x)
+        if self._running_wide:
+            object.__setattr__(self, "_pending", self._widening_output(x))
+        out = host if not (self._running_lerp or self._running_add) else self._blend(x, host)
+        return self._add_upstream(out) if self._fed else out
+
+    def _blend(self, x: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._blend_from_buffer(x, host)
         # α by value from the slot records: one fused add per seed instead of a clone, an index
@@ -179,6 +201,86 @@ class KasminaLayer(nn.Module):
             out = out + alpha[i] * self._seed_output(i, x, host, lerp=False)
         return out
 
+    # ------------------------------------------------------------- widening
+    def connect(self, downstream: KasminaLayer, name: str) -> None:
+        """Make `downstream` (named `name`) the layer this one's widening seeds add to."""
+        if downstream is self or downstream._upstream not in (None, self):
+            raise ConfigError(f"layer {name!r} cannot be fed by layer {self.layer_name!r}")
+        self.signature.widening(downstream.signature)  # raises unless the shapes chain
+        object.__setattr__(self, "_downstream", downstream)
+        object.__setattr__(downstream, "_upstream", self)
+        self.next_layer = name
+
+    @property
+    def downstream(self) -> KasminaLayer | None:
+        return self._downstream
+
+    @property
+    def widening_signature(self) -> HostSignature | None:
+        """The host signature a widening seed of this layer is compiled for; None without a
+        downstream layer."""
+        if self._downstream is None:
+            return None
+        return self.signature.widening(self._downstream.signature)
+
+    def _widening_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Σ α·seed(x) over the running widening seeds, for the downstream layer."""
+        total: torch.Tensor | None = None
+        compiling = torch.compiler.is_compiling()
+        for i in self._running_wide:
+            k = self._widening_seed_output(i, x)
+            if k is None:
+                continue
+            if compiling:  # α from the buffer, as in _blend_from_buffer
+                scaled = self.layout.alpha[i] * k
+                total = scaled if total is None else total + scaled
+            elif total is None:
+                total = k * self._slots[i].alpha
+            else:
+                total = torch.add(total, k, alpha=self._slots[i].alpha)
+        return total
+
+    def _widening_seed_output(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        slot = self._slots[i]
+        assert slot.call is not None
+        seed_in = x.detach() if slot.grad_isolation else x
+        try:
+            if self.signature.kind == "linear" and seed_in.dim() != 2:
+                k = slot.call(seed_in.reshape(-1, self.signature.in_features))
+                k = k.reshape(*seed_in.shape[:-1], k.shape[-1])
+            elif self.signature.kind == "conv2d" and seed_in.dim() == 3:
+                k = slot.call(seed_in.unsqueeze(0)).squeeze(0)
+            else:
+                k = slot.call(seed_in)
+            if k.dtype != x.dtype:
+                raise KernelDtypeError(f"output dtype {k.dtype} != input {x.dtype}")
+        except Exception as err:
+            self._record_exception(i, err)
+            return None
+        return self._finite(i, k, 0.0)
+
+    def _add_upstream(self, out: torch.Tensor) -> torch.Tensor:
+        """Add what the upstream layer's widening seeds left for this layer (once)."""
+        upstream = self._upstream
+        assert upstream is not None
+        pending = upstream._pending
+        if pending is None:
+            return out
+        object.__setattr__(upstream, "_pending", None)
+        if pending.shape != out.shape:
+            for i in upstream._running_wide:
+                upstream._record_error(
+                    i,
+                    f"output shape {tuple(pending.shape)} != {self.layer_name!r}'s "
+                    f"{tuple(out.shape)}",
+                )
+            return out
+        return out + pending
+
+    def _set_fed(self, fed: bool) -> None:
+        self._fed = fed
+        self._route()
+
     def _seed_output(self, i: int, x: torch.Tensor, host: torch.Tensor, lerp: bool) -> torch.Tensor:
         slot = self._slots[i]
         module = slot.call
@@ -200,20 +302,31 @@ class KasminaLayer(nn.Module):
         except Exception as err:
             self._record_exception(i, err)
             return host if lerp else torch.zeros_like(host)
+        checked = self._finite(i, k, host if lerp else 0.0)
+        if checked is None:
+            return host if lerp else torch.zeros_like(host)
+        return checked
+
+    def _finite(
+        self, i: int, k: torch.Tensor, fallback: torch.Tensor | float
+    ) -> torch.Tensor | None:
+        """`k` when it is finite (or the guard is off); None when it is not, read on the CPU and
+        counted; on an accelerator, `k` or `fallback` selected on the device and counted there.
+
+        One reduction tells whether any element is NaN/inf. On the CPU reading it costs nothing,
+        so the check branches in Python and a healthy seed pays no elementwise pass. On an
+        accelerator (or inside torch.compile) reading it would sync: the fallback is selected on
+        the device instead and the count is read later by poll_health()."""
         if not self.guard_nonfinite:
             return k
-        # One reduction tells whether any element is NaN/inf. On the CPU reading it costs nothing,
-        # so the check branches in Python and a healthy seed pays no elementwise pass. On an
-        # accelerator (or inside torch.compile) reading it would sync: the fallback is selected on
-        # the device instead and the count is read later by poll_health().
         finite = torch.isfinite(k.sum(dtype=torch.float32))
         if k.device.type == "cpu" and not torch.compiler.is_compiling():
             if bool(finite):
                 return k
             self._record_error(i, "non-finite output")
-            return host if lerp else torch.zeros_like(host)
+            return None
         self.layout.error_count[i] += ~finite
-        return torch.where(finite, k, host) if lerp else torch.where(finite, k, 0.0)
+        return torch.where(finite, k, fallback)
 
     def _record_exception(self, i: int, err: Exception) -> None:
         self._record_error(i, f"{type(err).__name__}: {err}")
@@ -252,6 +365,7 @@ class KasminaLayer(nn.Module):
             slot.blend,
             slot.grad_isolation,
             slot.last_error,
+            slot.widens,
         )
 
     def seed_module(self, seed: int) -> nn.Module | None:
@@ -383,18 +497,28 @@ class KasminaLayer(nn.Module):
         blend: BlendMode = BlendMode.ADD,
         alpha: float = 0.0,
         grad_isolation: bool = False,
+        widens: bool = False,
     ) -> None:
-        """LOADING → ACTIVE with a module the executor has already checked against this host."""
+        """LOADING → ACTIVE with a module the executor has already checked against this host
+        (for a widening seed, `widens`: against this layer and its downstream layer)."""
         self.check_index(seed)
         slot = self._slots[seed]
         if slot.state is not SeedState.LOADING:
             raise SeedStateError(f"cannot attach: {self._describe(seed)}")
+        if widens and self._downstream is None:
+            raise ConfigError(
+                f"layer {self.layer_name!r} has no downstream layer for a widening seed: only a "
+                "layer followed by another of its kind, through an activation, can be widened"
+            )
+        if widens and blend is not BlendMode.ADD:
+            raise ConfigError("a widening seed adds to the next layer's output: its blend is 'add'")
         self.check_alpha(seed, alpha, blend)
         kernel_id = slot.kernel_id  # named by mark_loading; nothing else of the slot carries over
         self._reset_slot(seed)
         slot.kernel_id = kernel_id
         slot.blend = blend
         slot.grad_isolation = grad_isolation
+        slot.widens = widens
         self._seat(seed, module)
         self._write_alpha(seed, float(alpha))
         self.lifecycle.transition(
@@ -470,8 +594,16 @@ class KasminaLayer(nn.Module):
     def _refresh_running(self) -> None:
         slots = self._slots
         running = [i for i, slot in enumerate(slots) if slot.state in RUNNING_STATES]
+        wide = tuple(i for i in running if slots[i].widens)
         self._running_lerp = tuple(i for i in running if slots[i].blend is BlendMode.LERP)
-        self._running_add = tuple(i for i in running if slots[i].blend is BlendMode.ADD)
+        self._running_add = tuple(
+            i for i in running if slots[i].blend is BlendMode.ADD and not slots[i].widens
+        )
+        self._running_wide = wide
+        if not wide:
+            object.__setattr__(self, "_pending", None)
+        if self._downstream is not None:
+            self._downstream._set_fed(bool(wide))
         self._route()
 
     @property
@@ -486,7 +618,8 @@ class KasminaLayer(nn.Module):
     def _route(self) -> None:
         """Point this instance's `forward` at the host's while the bypass applies (see the module
         docstring); otherwise the class's forward, with its blend, runs."""
-        if self._dormant_bypass and not (self._running_lerp or self._running_add):
+        busy = self._running_lerp or self._running_add or self._running_wide or self._fed
+        if self._dormant_bypass and not busy:
             self.__dict__["forward"] = self.base_layer.forward
         else:
             self.__dict__.pop("forward", None)
@@ -529,6 +662,7 @@ class KasminaLayer(nn.Module):
                     "kernel_id": slot.kernel_id,
                     "blend": slot.blend.value,
                     "grad_isolation": slot.grad_isolation,
+                    "widens": slot.widens,
                     "alpha": slot.alpha,
                     "ramp": slot.ramp.to_dict() if slot.ramp is not None else None,
                     "contribution": slot.contribution,
@@ -557,10 +691,12 @@ class KasminaLayer(nn.Module):
         # A seed already holding this kernel is kept (its parameters are overwritten next), unless
         # it is retiring and the checkpoint's is not: RETIRING has no edge back to ACTIVE.
         slot = self._slots[i]
+        widens = bool(saved.get("widens", False))  # absent from checkpoints before widening
         same = (
             slot.state in RUNNING_STATES
             and slot.kernel_id == kernel_id
             and slot.blend is blend
+            and slot.widens == widens
             and not (slot.state is SeedState.RETIRING and want is SeedState.ACTIVE)
         )
         if slot.state in RUNNING_STATES and not (same and want in RUNNING_STATES):
@@ -581,7 +717,13 @@ class KasminaLayer(nn.Module):
             except Exception as err:
                 self.fail_load(i, str(err))
                 raise
-            self.attach(i, module, blend=blend, grad_isolation=bool(saved["grad_isolation"]))
+            self.attach(
+                i,
+                module,
+                blend=blend,
+                grad_isolation=bool(saved["grad_isolation"]),
+                widens=widens,
+            )
         self._write_alpha(i, float(saved["alpha"]))
         slot.grad_isolation = bool(saved["grad_isolation"])
         slot.ramp = AlphaRamp.from_dict(saved["ramp"]) if saved.get("ramp") else None

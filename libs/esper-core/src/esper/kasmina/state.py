@@ -61,6 +61,9 @@ class SeedSlot:
     kernel_id: str | None = None
     blend: BlendMode = BlendMode.ADD
     grad_isolation: bool = False
+    # A widening seed: its output goes to the layer's downstream layer (KasminaLayer.downstream),
+    # not into this layer's own output.
+    widens: bool = False
     # Seeds are called through their bound forward: nn.Module.__call__ (hooks, and for an exported
     # GraphModule its call wrapper) costs ~100 µs a call, more than a small seed's compute. Hooks
     # registered on a seed module therefore do not run.

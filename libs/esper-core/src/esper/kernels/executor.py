@@ -25,6 +25,7 @@ from esper.exceptions import (
     CorruptArtifactError,
     KernelDtypeError,
     KernelShapeError,
+    UnsupportedHostError,
     UntrustedKernelError,
 )
 from esper.kernels.artifact import KernelArtifact
@@ -208,9 +209,18 @@ class KernelExecutor:
     checked by a probe forward before it may become ACTIVE."""
 
     def prepare(
-        self, template: nn.Module, host_layer: nn.Module, kernel_id: str, layer_name: str = ""
+        self,
+        template: nn.Module,
+        host_layer: nn.Module,
+        kernel_id: str,
+        layer_name: str = "",
+        *,
+        downstream_layer: nn.Module | None = None,
     ) -> nn.Module:
-        host = HostSignature.of(host_layer)
+        """`downstream_layer`: the next layer, for a widening kernel (one that reads
+        `host_layer`'s input and adds to `downstream_layer`'s output); the probe then expects
+        the two layers' composite output shape."""
+        host = _host_signature(host_layer, downstream_layer)
         reference = next(host_layer.parameters(), None)
         device = reference.device if reference is not None else torch.device("cpu")
         dtype = reference.dtype if reference is not None else torch.float32
@@ -219,6 +229,8 @@ class KernelExecutor:
         where = f"kernel {kernel_id} in layer {layer_name!r}"
         with torch.no_grad():
             expected = host_layer(probe)
+            if downstream_layer is not None:
+                expected = downstream_layer(expected)
             try:
                 out = module(probe)
             except Exception as err:
@@ -237,3 +249,17 @@ class KernelExecutor:
                 f"{where}: output dtype {out.dtype} does not match the host's {expected.dtype}"
             )
         return module
+
+
+def _host_signature(host_layer: nn.Module, downstream_layer: nn.Module | None) -> HostSignature:
+    host = HostSignature.of(host_layer)
+    if downstream_layer is None:
+        return host
+    downstream = HostSignature.of(downstream_layer)
+    # `widening` copies without validating: check here that the layers chain.
+    if downstream.kind != host.kind or downstream.in_features != host.out_features:
+        raise UnsupportedHostError(
+            f"the downstream {downstream.kind} layer reads {downstream.in_features} features; "
+            f"the {host.kind} host gives {host.out_features}"
+        )
+    return host.widening(downstream)

@@ -40,6 +40,7 @@ from esper.kasmina.lifecycle import LifecycleEvent
 from esper.kasmina.state import RUNNING_STATES, SeedState
 from esper.morphable import MorphableModel
 from esper.training.providers import KernelProvider
+from esper.training.widening import LossOnSample, init_from_gradients
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class SeedOrchestrator:
         kernel_format: KernelFormat | None = None,
         default_alpha: float = 1.0,
         max_remembered: int = 10_000,
+        loss_on_sample: LossOnSample | None = None,
     ) -> None:
         if max_remembered < 1:
             raise ConfigError(f"max_remembered must be ≥ 1, got {max_remembered}")
@@ -134,6 +136,8 @@ class SeedOrchestrator:
         self.kernel_format: KernelFormat = kernel_format or spec.kernel_format
         self.default_alpha = default_alpha
         self.max_remembered = max_remembered
+        # For a widening seed's data-driven fan-in (esper.training.widening); None: as compiled.
+        self.loss_on_sample = loss_on_sample
         self.step = 0
         # Decision id → the answer given; oldest first, so the bound forgets the oldest.
         self._outcomes: OrderedDict[str, DecisionTaken] = OrderedDict()
@@ -339,9 +343,12 @@ class SeedOrchestrator:
                 f"no kernel for blueprint {blueprint!r} on layer {name!r} "
                 f"({kl.signature.kind} {kl.signature.in_features}→{kl.signature.out_features})"
             )
+            # A layer that can be widened is offered with its downstream layer: a widening
+            # blueprint compiles for both, any other for the layer alone.
+            host = kl.widening_signature or kl.signature
             try:
                 kernel_ref = await self._patiently(
-                    lambda: self.provider.kernel_for(blueprint, kl.signature, self.kernel_format),
+                    lambda: self.provider.kernel_for(blueprint, host, self.kernel_format),
                     deadline,
                     f"compiling {blueprint!r} for layer {name!r}",
                 )
@@ -385,6 +392,7 @@ class SeedOrchestrator:
                 slot,
             ) from None
 
+        init = self._init_widening(kl, slot) if info.widens else ""
         target = self.default_alpha if d.alpha is None else d.alpha
         steps = d.ramp_steps or self.spec.ramp_steps
         try:
@@ -412,10 +420,21 @@ class SeedOrchestrator:
         )
         source = f"blueprint {d.blueprint}" if d.blueprint else f"kernel {d.kernel}"
         ramp = f"over {steps} steps" if steps else "at once"
+        widening = f", widening into {kl.next_layer!r}: {init}" if info.widens else ""
         return slot, (
             f"germinated seed {slot} of layer {name!r} from {source} as {info.kernel_id} "
-            f"(blend {info.blend.value}); α → {target} {ramp}"
+            f"(blend {info.blend.value}{widening}); α → {target} {ramp}"
         )
+
+    def _init_widening(self, kl: KasminaLayer, slot: int) -> str:
+        """The widening seed's fan-in from the job's sample; what was done, for the reason."""
+        if self.loss_on_sample is None:
+            return "fan-in as compiled (the job gives no sample to start it from)"
+        try:
+            return init_from_gradients(kl, slot, self.loss_on_sample)
+        except Exception as err:  # the seed is still function-preserving: it trains as compiled
+            log.warning("data init of seed %d of layer %r failed: %s", slot, kl.layer_name, err)
+            return f"fan-in as compiled (the data init failed: {type(err).__name__}: {err})"
 
     async def _patiently(self, call: Callable[[], Awaitable[T]], deadline: float, what: str) -> T:
         """`call()`, tried again with backoff while it fails transiently (no answer, 429, 502-504,

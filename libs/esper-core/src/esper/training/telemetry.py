@@ -111,6 +111,7 @@ class TelemetryReporter:
         self._layers: dict[str, KasminaLayer] = morphable.layers
         self._handles: list[RemovableHandle] = []
         self._moments: dict[str, _Moments] = {}
+        self._gains: dict[str, _GainSample] = {}
         self._latest: list[LayerStats] = []
         self.publish_errors = 0
 
@@ -186,18 +187,32 @@ class TelemetryReporter:
     def _install(self) -> None:
         self._remove()  # a sampled step whose end_step never came: start afresh
         self._moments = {name: _Moments() for name in self._layers}
+        # Linear layers with a next layer: their growth_gain needs their inputs and the next
+        # layer's output gradients (conv pairs have no such matrix: see LayerStats.growth_gain).
+        self._gains = {
+            name: _GainSample()
+            for name, layer in self._layers.items()
+            if layer.downstream is not None and layer.signature.kind == "linear"
+        }
         for name, layer in self._layers.items():
             self._handles.append(layer.register_forward_hook(self._hook(name, layer)))
+            downstream = layer.downstream
+            if name in self._gains and downstream is not None:
+                sample = self._gains[name]
+                self._handles.append(downstream.register_forward_hook(sample.take_gradient))
 
     def _hook(
         self, name: str, layer: KasminaLayer
     ) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         moments = self._moments[name]
         kind = layer.signature.kind
+        gain = self._gains.get(name)
 
-        def record(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+        def record(_module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if isinstance(output, torch.Tensor):
                 moments.add(output, kind)
+            if gain is not None and args and isinstance(args[0], torch.Tensor):
+                gain.take_input(args[0])
 
         return record
 
@@ -219,8 +234,10 @@ class TelemetryReporter:
             features.append(0 if m.alive is None else m.alive.numel())
             tensors.extend((m.mean, m.variance, alive))
         grads = [_host_grads(self._layers[n].base_layer) if with_grads else [] for n in names]
-        values = _read([*tensors, *_norms([g for gs in grads for g in gs])])
-        self._moments = {}
+        gains = {n: s.gain() if with_grads else None for n, s in self._gains.items()}
+        values = _read([*tensors, *_norms([g for gs in grads for g in gs]), *gains.values()])
+        read_gains = dict(zip(gains, values[len(values) - len(gains) :], strict=True))
+        self._moments, self._gains = {}, {}
         grad_values = iter(values[1 + 3 * len(names) :])
         stats = []
         for i, name in enumerate(names):
@@ -239,6 +256,9 @@ class TelemetryReporter:
                     activation_variance=_clamp(finite_or_none(variance_v), 0.0, None),
                     dead_fraction=_clamp(finite_or_none(dead_v), 0.0, 1.0),
                     grad_norm=finite_or_none(grad_v),
+                    # Set by esper.wrap where the next layer is fed through an activation only.
+                    next_layer=getattr(self._layers[name], "next_layer", None),
+                    growth_gain=_clamp(finite_or_none(read_gains.get(name)), 0.0, None),
                 )
             )
         return stats, values[0]
@@ -347,6 +367,45 @@ class TelemetryReporter:
         except Exception:
             self.publish_errors += 1
             log.exception("job %s: publishing a %s report failed", self.job_id, report.kind)
+
+
+class _GainSample:
+    """A layer's inputs and its next layer's output gradients in one sampled step, paired in
+    the order the forwards ran; `gain()` is ‖Σ gᵀx‖_F on the device (None when unpaired): the
+    loss is a batch mean, so each g already carries its 1/N, and this is on the scale of a weight
+    gradient, comparable with `grad_norm`."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+        self.gradients: list[torch.Tensor | None] = []
+
+    def take_input(self, x: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            self.inputs.append(x.detach().reshape(-1, x.shape[-1]))
+
+    def take_gradient(self, _module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        index = len(self.gradients)
+        self.gradients.append(None)
+
+        def keep(grad: torch.Tensor) -> None:
+            self.gradients[index] = grad.detach().reshape(-1, grad.shape[-1])
+
+        output.register_hook(keep)
+
+    def gain(self) -> torch.Tensor | None:
+        pairs = list(zip(self.inputs, self.gradients, strict=False))
+        if not pairs or len(self.inputs) != len(self.gradients):
+            return None
+        total: torch.Tensor | None = None
+        for x, g in pairs:
+            if g is None or g.shape[0] != x.shape[0]:
+                return None
+            product = g.T.float() @ x.float()
+            total = product if total is None else total + product
+        assert total is not None
+        return torch.linalg.matrix_norm(total)
 
 
 def _host_grads(module: nn.Module) -> list[torch.Tensor]:

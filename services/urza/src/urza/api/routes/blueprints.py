@@ -18,7 +18,8 @@ from urza.store import StoredBlueprint
 router = APIRouter(prefix="/blueprints", tags=["blueprints"])
 
 # A blueprint must instantiate, fit and start function-preserving on a typical host of each kind
-# it claims, or it is refused at registration rather than at its first compile.
+# it claims, or it is refused at registration rather than at its first compile. A widening one
+# is tried on that host widening into another like it.
 _TRIAL_HOSTS = {
     "linear": HostSignature(kind="linear", in_features=16, out_features=16),
     "conv2d": HostSignature(
@@ -31,7 +32,8 @@ _ERRORS = error_responses(404, 409, 422)
 def _trial(spec: BlueprintSpec) -> None:
     try:
         for kind in spec.hosts:
-            dry_run(spec, _TRIAL_HOSTS[kind])
+            host = _TRIAL_HOSTS[kind]
+            dry_run(spec, host.widening(host) if spec.widens else host)
     except (BlueprintError, CompileError) as err:
         raise InvalidBlueprintError(str(err)) from err
 

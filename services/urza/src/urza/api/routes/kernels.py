@@ -44,7 +44,7 @@ KernelIdPath = Annotated[str, Path(pattern=KERNEL_ID_RE.pattern, description="kr
 
 
 def _check_width(host: HostSignature, limit: int, where: list[str | int]) -> None:
-    widest = max(host.in_features, host.out_features)
+    widest = max(host.in_features, host.seed_out_features, host.out_features)
     if widest > limit:
         raise ApiError(
             422,
