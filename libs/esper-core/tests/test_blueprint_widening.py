@@ -60,7 +60,11 @@ NEXT = {"op": "next_proj", "out": "out"}
 # ------------------------------------------------------------------------------- the spec
 def test_widen_is_built_in_and_round_trips() -> None:
     spec = BUILTIN_BLUEPRINTS["widen"]
-    assert spec.widens and spec.hosts == ["linear", "conv2d"] and spec.params == {"ratio": 0.5}
+    assert (
+        spec.widens
+        and spec.hosts == ["linear", "conv2d", "conv1d"]
+        and spec.params == {"ratio": 0.5}
+    )
     assert [op.op for op in spec.body] == ["host_proj", "act", "next_proj"]
     assert BlueprintSpec.parse(spec.model_dump_json()) == spec
     assert spec.model_dump(mode="json")["widens"] is True

@@ -31,7 +31,10 @@ LINEAR = HostSignature(kind="linear", in_features=12, out_features=20)
 CONV = HostSignature(
     kind="conv2d", in_features=6, out_features=16, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1)
 )
-HOSTS = {"linear": LINEAR, "conv2d": CONV}
+CONV1D = HostSignature(
+    kind="conv1d", in_features=6, out_features=16, kernel_size=(1, 3), stride=(1, 2), padding=(0, 1)
+)
+HOSTS = {"linear": LINEAR, "conv2d": CONV, "conv1d": CONV1D}
 
 
 def spec_dict(
@@ -67,7 +70,7 @@ def test_builtin_instantiates_zero_output_for_every_host_kind_it_lists(
 ) -> None:
     host = host_for_blueprint(get_blueprint(name), HOSTS[kind])
     module = instantiate(get_blueprint(name), host)
-    x = torch.randn(3, host.in_features, *(() if kind == "linear" else (11, 9)))
+    x = torch.randn(host.input_shape(3, (11, 9)))
     with torch.no_grad():
         out = module(x)
     assert tuple(out.shape) == host.output_shape(tuple(x.shape))
@@ -78,6 +81,7 @@ def test_library_serves_both_host_kinds() -> None:
     kinds = [kind for spec in BUILTIN_BLUEPRINTS.values() for kind in spec.hosts]
     assert kinds.count("linear") >= 3
     assert kinds.count("conv2d") >= 3
+    assert kinds.count("conv1d") == kinds.count("conv2d")
 
 
 def test_get_blueprint_unknown_name_lists_the_builtins() -> None:
@@ -233,14 +237,14 @@ CONV_OK_HEAD = {"op": "host_proj", "out": "out"}
         ),
         pytest.param(
             spec_dict([{"op": "act"}, {"op": "conv", "out": "out"}]),
-            ["body[1] (conv) needs a conv2d host", "'linear'"],
+            ["body[1] (conv) needs a conv host", "'linear'"],
             id="conv-op-on-linear-host",
         ),
         pytest.param(
             spec_dict(
                 [{"op": "depthwise"}, {"op": "project", "out": "out"}], hosts=("conv2d", "linear")
             ),
-            ["body[0] (depthwise) needs a conv2d host"],
+            ["body[0] (depthwise) needs a conv host"],
             id="depthwise-on-linear-and-conv-host",
         ),
         pytest.param(
@@ -253,7 +257,7 @@ CONV_OK_HEAD = {"op": "host_proj", "out": "out"}
                     {"op": "project", "out": "out"},
                 ]
             ),
-            ["body[0].body[0].body[0] (conv) needs a conv2d host"],
+            ["body[0].body[0].body[0] (conv) needs a conv host"],
             id="conv-op-nested-in-residuals-on-linear-host",
         ),
         pytest.param(
@@ -534,7 +538,9 @@ def test_linear_only_blueprint_on_conv_host_is_a_host_error() -> None:
 
 
 def test_conv_only_blueprint_on_linear_host_is_a_host_error() -> None:
-    with pytest.raises(BlueprintHostError, match=r"'conv3x3' serves conv2d hosts, not linear"):
+    with pytest.raises(
+        BlueprintHostError, match=r"'conv3x3' serves conv2d/conv1d hosts, not linear"
+    ):
         instantiate(get_blueprint("conv3x3"), LINEAR)
 
 

@@ -31,14 +31,15 @@ LINEAR = HostSignature(kind="linear", in_features=12, out_features=20)
 CONV = HostSignature(
     kind="conv2d", in_features=6, out_features=16, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1)
 )
-HOSTS = {"linear": LINEAR, "conv2d": CONV}
+CONV1D = HostSignature(
+    kind="conv1d", in_features=6, out_features=16, kernel_size=(1, 3), stride=(1, 2), padding=(0, 1)
+)
+HOSTS = {"linear": LINEAR, "conv2d": CONV, "conv1d": CONV1D}
 
 
 def other_input(host: HostSignature, batch: int = 7) -> torch.Tensor:
     """An input whose batch (and, for conv, H×W, non-square) differs from the compile probes."""
-    if host.kind == "linear":
-        return torch.randn(batch, host.in_features)
-    return torch.randn(batch, host.in_features, 19, 13)
+    return torch.randn(host.input_shape(batch, (19, 13)))
 
 
 # ------------------------------------------------------------------------ every built-in
@@ -165,7 +166,7 @@ def test_kernel_id_depends_on_blueprint_host_and_format() -> None:
         compile_kernel_id(spec, CONV, "export"),
         compile_kernel_id(spec, CONV.model_copy(update={"stride": (1, 1)}), "export"),
         compile_kernel_id(BUILTIN_BLUEPRINTS["low_rank"], LINEAR, "export"),
-        compile_kernel_id(spec.model_copy(update={"version": 2}), LINEAR, "export"),
+        compile_kernel_id(spec.model_copy(update={"version": spec.version + 1}), LINEAR, "export"),
         compile_kernel_id(spec.model_copy(update={"params": {"ratio": 0.5}}), LINEAR, "export"),
     }
     assert base not in variants
@@ -257,8 +258,8 @@ def test_blueprint_for_the_wrong_host_kind_is_refused() -> None:
 
 
 def test_unsupported_host_module_is_refused() -> None:
-    with pytest.raises(esper.exceptions.UnsupportedHostError, match="Conv1d"):
-        compile_blueprint("low_rank", nn.Conv1d(3, 8, 3))
+    with pytest.raises(esper.exceptions.UnsupportedHostError, match="Conv3d"):
+        compile_blueprint("low_rank", nn.Conv3d(3, 8, 3))
 
 
 # ------------------------------------------------------------------------ signing

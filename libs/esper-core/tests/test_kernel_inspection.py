@@ -44,6 +44,9 @@ HOSTS = {
     "conv2d": HostSignature(
         kind="conv2d", in_features=6, out_features=8, kernel_size=(3, 3), padding=(1, 1)
     ),
+    "conv1d": HostSignature(
+        kind="conv1d", in_features=6, out_features=8, kernel_size=(1, 3), padding=(0, 1)
+    ),
 }
 KEY = b"inspection-test-key"
 
@@ -111,7 +114,7 @@ def test_every_activation_a_blueprint_may_name_passes_inspection(fn: str) -> Non
     spec = BlueprintSpec.parse(
         {
             "name": f"act_{fn}",
-            "hosts": ["linear", "conv2d"],
+            "hosts": ["linear", "conv2d", "conv1d"],
             "body": [
                 {"op": "host_proj", "out": "out"},
                 {"op": "act", "fn": fn},

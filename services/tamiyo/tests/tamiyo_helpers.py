@@ -27,12 +27,13 @@ from esper.contracts import (
     TelemetryReportV1,
     TelemetryReportV2,
 )
-from tamiyo import tracking
-from tamiyo.catalogue import Catalogue, builtin_catalogue
-from tamiyo.config import PolicyConfig
+from esper.policy import tracking
+from esper.policy.catalogue import builtin_catalogue
+from esper.policy.config import PolicyConfig
+from esper.policy.models import JobState
+from esper.policy.policy import Context, HeuristicPolicy, Proposal
+from tamiyo.catalogue import Catalogue
 from tamiyo.controller import Controller, build_decision
-from tamiyo.models import JobState
-from tamiyo.policy import Context, HeuristicPolicy, Proposal
 from tamiyo.settings import TamiyoSettings
 from tamiyo.store import TamiyoStore
 

@@ -10,9 +10,9 @@ from tamiyo_helpers import FAST, Harness, on_the_wire, report, running, seed, ta
 
 from esper.bus import Delivery
 from esper.contracts import ControlDecision, Envelope
-from tamiyo.config import PolicyConfig
+from esper.policy.config import PolicyConfig
+from esper.policy.models import JobState
 from tamiyo.controller import Controller, derive_decision_id
-from tamiyo.models import JobState
 from tamiyo.store import Change, TamiyoStore
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from tamiyo_helpers import Driver, report, seed, taken
 
-from tamiyo.fitting import train_stall
-from tamiyo.policy import Proposal
+from esper.policy.fitting import train_stall
+from esper.policy.policy import Proposal
 
 OVERFIT_VAL = [0.70, 0.60, 0.50, 0.45, 0.46, 0.48, 0.52, 0.55, 0.58, 0.60]
 OVERFIT_TRAIN = [0.70, 0.58, 0.47, 0.40, 0.35, 0.31, 0.27, 0.24, 0.21, 0.18]

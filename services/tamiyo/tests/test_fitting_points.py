@@ -8,7 +8,7 @@ from __future__ import annotations
 from tamiyo_helpers import FAST, Harness, handle, report, seed, taken, transition
 
 from esper.contracts import ControlAnswer, ControlDecision, DecisionTaken, Message, TelemetryReport
-from tamiyo.config import PolicyConfig
+from esper.policy.config import PolicyConfig
 
 CONFIG = FAST.model_copy(
     update={

@@ -25,8 +25,8 @@ from esper.contracts import (
     Message,
     TelemetryReport,
 )
+from esper.policy.tracking import MAX_ANSWERS
 from tamiyo.controller import derive_decision_id
-from tamiyo.tracking import MAX_ANSWERS
 
 
 async def answers_of(h: Harness, job_id: str, n: int) -> list[ControlAnswer]:

@@ -28,10 +28,10 @@ from esper.contracts import (
     JobStatusChanged,
     RefusalCode,
 )
-from tamiyo.choice import BlueprintInfo, choose_blueprint, rank_layers
-from tamiyo.config import PolicyConfig
+from esper.policy.choice import BlueprintInfo, choose_blueprint, rank_layers
+from esper.policy.config import PolicyConfig
+from esper.policy.models import BlueprintRecord
 from tamiyo.controller import build_decision
-from tamiyo.models import BlueprintRecord
 
 FAST: dict[str, Any] = {
     "warmup_epochs": 2,
@@ -582,9 +582,11 @@ def test_every_proposal_is_a_valid_complete_decision() -> None:
 
 
 def test_blueprint_info_fits() -> None:
-    both = BlueprintInfo("a_b", ("linear", "conv2d"))
+    every = BlueprintInfo("all", ("linear", "conv2d", "conv1d"))
+    two = BlueprintInfo("a_b", ("linear", "conv2d"))
     linear = BlueprintInfo("lin", ("linear",))
-    assert both.fits(None) and both.fits("conv2d")
+    assert every.fits(None) and every.fits("conv1d")
+    assert two.fits("conv2d") and not two.fits("conv1d") and not two.fits(None)
     assert linear.fits("linear") and not linear.fits("conv2d") and not linear.fits(None)
 
 

@@ -7,9 +7,9 @@ import pytest
 from tamiyo_helpers import Driver, layer, report
 
 from esper.contracts import LayerStats
-from tamiyo.catalogue import builtin_catalogue
-from tamiyo.choice import choose_blueprint
-from tamiyo.models import BlueprintRecord
+from esper.policy.catalogue import builtin_catalogue
+from esper.policy.choice import choose_blueprint
+from esper.policy.models import BlueprintRecord
 
 FAST = {"warmup_epochs": 1, "patience": 2, "min_delta": 0.01, "cooldown_epochs": 0}
 

@@ -46,7 +46,10 @@ def builtin_json(client: httpx.Client, name: str) -> dict[str, Any]:
 def custom_spec(client: httpx.Client, name: str, **changes: Any) -> dict[str, Any]:
     """low_rank's JSON as Urza serves it, renamed (and changed)."""
     spec = copy.deepcopy(builtin_json(client, "low_rank"))
-    spec.update(name=name, description=f"test copy of low_rank as {name}", **changes)
+    # A new name starts at version 1, whatever version the built-in is at.
+    spec.update(
+        {"name": name, "version": 1, "description": f"test copy of low_rank as {name}", **changes}
+    )
     return spec
 
 
@@ -68,13 +71,16 @@ def test_get_one_builtin(anon: httpx.Client) -> None:
     stored = StoredBlueprint.model_validate(resp.json())
     assert stored.builtin
     assert stored.spec == BUILTIN_BLUEPRINTS["conv3x3"]
-    assert anon.get("/blueprints/conv3x3", params={"version": 1}).json() == resp.json()
+    version = BUILTIN_BLUEPRINTS["conv3x3"].version
+    assert anon.get("/blueprints/conv3x3", params={"version": version}).json() == resp.json()
 
 
 def test_unknown_blueprint_is_404(anon: httpx.Client) -> None:
     expect_error(anon.get("/blueprints/no_such_thing"), 404, "unknown_blueprint", ["path", "name"])
     expect_error(
-        anon.get("/blueprints/low_rank", params={"version": 2}),
+        anon.get(
+            "/blueprints/low_rank", params={"version": BUILTIN_BLUEPRINTS["low_rank"].version + 1}
+        ),
         404,
         "unknown_blueprint",
         ["path", "name"],

@@ -24,6 +24,7 @@ import redis
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from esper.blueprints.library import BUILTIN_BLUEPRINTS
 from esper.contracts import Envelope, HostSignature, KernelMeta, KernelResult, Page
 from esper.contracts.api import ErrorBody, ErrorInfo
 from esper.kernels.artifact import KernelArtifact, sign
@@ -212,7 +213,12 @@ def test_compile_then_the_same_again(
     before = created_total(api, "compiled", "export")
     first = result(compile_kernel(api, host), 201)
     kernel = first.kernel
-    assert (kernel.name, kernel.blueprint, kernel.blueprint_version) == ("low_rank", "low_rank", 1)
+    version = BUILTIN_BLUEPRINTS["low_rank"].version
+    assert (kernel.name, kernel.blueprint, kernel.blueprint_version) == (
+        "low_rank",
+        "low_rank",
+        version,
+    )
     assert kernel.format == "export"
     assert kernel.host == HostSignature.model_validate(host)
     assert kernel.params == 20 * 8 + 8 * 12  # rank 8, no biases

@@ -26,7 +26,7 @@ from esper.kernels.cache import KernelCache
 from esper.kernels.executor import KernelExecutor
 from esper.registry import default_registry
 
-HOST_TYPES = (nn.Linear, nn.Conv2d)
+HOST_TYPES = (nn.Linear, nn.Conv2d, nn.Conv1d)
 
 
 class MorphableModel(nn.Module):
@@ -386,6 +386,57 @@ def _blend(value: BlendMode | str) -> BlendMode:
         raise ConfigError(f"blend mode {value!r} is not 'add' or 'lerp'") from None
 
 
+# Modules that hand their Linear children's weights to a functional kernel instead of calling
+# them (nn.MultiheadAttention passes out_proj.weight/.bias to F.multi_head_attention_forward): a
+# KasminaLayer there has no `.weight`, and its seeds would never run.
+WEIGHT_READERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+
+def _weight_reader(model: nn.Module, name: str) -> nn.Module | None:
+    """The parent of layer `name` when it reads the layer's weights rather than calling it."""
+    parent = model.get_submodule(name.rpartition(".")[0])
+    return parent if isinstance(parent, WEIGHT_READERS) else None
+
+
+def _check_called_as_module(model: nn.Module, name: str) -> None:
+    parent = _weight_reader(model, name)
+    if parent is not None:
+        raise UnsupportedHostError(
+            f"layer {name!r} is never called as a module: its parent, an "
+            f"nn.{type(parent).__name__}, passes its weight and bias to a functional kernel, so a "
+            "Kasmina layer there would have no weight to give and its seeds would never run"
+        )
+
+
+def _module_call_marker(_module: nn.Module, _args: tuple[Any, ...]) -> None:
+    """A forward pre-hook that does nothing: its presence is what `_keep_module_calls` needs."""
+    return None
+
+
+def _keep_module_calls(model: nn.Module) -> None:
+    """Keep torch's fused transformer paths away from wrapped layers, which they would skip.
+
+    In eval mode without grad, nn.TransformerEncoderLayer.forward hands linear1/linear2's weights
+    to torch._transformer_encoder_layer_fwd instead of calling them (seeds bypassed; a
+    KasminaLayer has no `.weight` anyway). It keeps its module path whenever any module inside it
+    has a forward hook, so each KasminaLayer inside one gets a no-op pre-hook. nn.TransformerEncoder
+    reads its first layer's weights to decide whether to pack a padded batch into a nested tensor;
+    its `use_nested_tensor` turns that off. Encoder layers holding no wrapped layer keep both.
+    """
+    for module in model.modules():
+        if not isinstance(module, nn.TransformerEncoderLayer | nn.TransformerEncoder):
+            continue
+        inside = [m for m in module.modules() if isinstance(m, KasminaLayer)]
+        if not inside:
+            continue
+        if isinstance(module, nn.TransformerEncoderLayer):
+            for layer in inside:
+                if _module_call_marker not in layer._forward_pre_hooks.values():
+                    layer.register_forward_pre_hook(_module_call_marker)
+        elif isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+
+
 def wrap(
     model: nn.Module,
     seeds_per_layer: int = 4,
@@ -399,6 +450,11 @@ def wrap(
     """Replace the model's nn.Linear and nn.Conv2d layers (or the named `layers`) in place by
     KasminaLayers with `seeds_per_layer` seed slots each, and return the MorphableModel.
 
+    Layers whose parent reads their weights instead of calling them (the `out_proj` of an
+    nn.MultiheadAttention, see WEIGHT_READERS) are left out; naming one raises
+    UnsupportedHostError. Transformer encoder layers holding a wrapped layer take their module
+    path in eval mode too, so that seeds run (see `_keep_module_calls`).
+
     Kernels are resolved through `kernels`, by default a cache over `esper.default_registry()`.
     `dormant_bypass` lets a layer without running seeds call its host's forward directly (faster
     on tiny models; hooks on a layer's `base_layer` then run only while a seed runs).
@@ -411,7 +467,11 @@ def wrap(
         # Wrapping again would nest a KasminaLayer around each wrapped layer's base_layer.
         raise ConfigError(f"the model is already wrapped (Kasmina layers: {', '.join(already)})")
     if layers is None:
-        names = [n for n, m in modules.items() if isinstance(m, HOST_TYPES) and n]
+        names = [
+            n
+            for n, m in modules.items()
+            if isinstance(m, HOST_TYPES) and n and _weight_reader(model, n) is None
+        ]
     else:
         names = list(layers)
         repeated = sorted({n for n in names if names.count(n) > 1})
@@ -426,6 +486,7 @@ def wrap(
                     f"layer {name!r} is a {type(modules[name]).__name__}; "
                     "Kasmina wraps nn.Linear and nn.Conv2d"
                 )
+            _check_called_as_module(model, name)
     if isinstance(model, HOST_TYPES):
         raise ConfigError(
             f"the model is itself an nn.{type(model).__name__}; wrap a module that contains it, "
@@ -451,5 +512,6 @@ def wrap(
         wrapped[name] = layer
     for upstream, downstream in _widenable_pairs(model, wrapped):
         wrapped[upstream].connect(wrapped[downstream], downstream)
+    _keep_module_calls(model)
     cache = kernels if kernels is not None else KernelCache([default_registry()])
     return MorphableModel(model, wrapped, cache)

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from typing import Literal
 
 from esper.contracts import ControlAnswer, ControlDecision, TelemetryReport, clip
-from tamiyo.models import DecisionRecord, JobState
-from tamiyo.tracking import MAX_ANSWERS
+from esper.policy.models import JobState
+from esper.policy.tracking import MAX_ANSWERS
+from tamiyo.models import DecisionRecord
 
 MAX_DECISIONS = 16
 """What one ControlAnswer holds (`decisions` max_length); a policy proposing more at one point

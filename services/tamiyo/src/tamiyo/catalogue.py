@@ -2,10 +2,11 @@
 
 Both are off the decision path once cached. The blueprint list is kept for `ttl_s` and refreshed
 in the background when stale; a decision waits for Urza only when nothing was ever fetched. If
-Urza cannot be reached and nothing is cached, the built-in blueprints stand in (Urza registers
-them at start-up, so they exist in every Urza), the decision's evidence says `catalogue: builtin`
-and a warning is logged. A kernel's host kind (telemetry does not carry a layer's kind) is asked
-once per kernel id and remembered.
+Urza cannot be reached and nothing is cached, the built-in blueprints
+(`esper.policy.builtin_catalogue`) stand in (Urza registers them at start-up, so they exist in
+every Urza), the decision's evidence says `catalogue: builtin` and a warning is logged. A
+kernel's host kind (telemetry does not carry a layer's kind) is asked once per kernel id and
+remembered.
 """
 
 from __future__ import annotations
@@ -16,22 +17,15 @@ import logging
 import time
 from typing import Any
 
-from esper.blueprints import BUILTIN_BLUEPRINTS
 from esper.client import UrzaClient
 from esper.contracts.jobs import HostKind
 from esper.exceptions import ServiceError
-from tamiyo.choice import BlueprintInfo
+from esper.policy.catalogue import builtin_catalogue
+from esper.policy.choice import BlueprintInfo
 
 log = logging.getLogger("tamiyo.catalogue")
 MAX_KINDS = 10_000
 RETRY_UNKNOWN_S = 60.0
-
-
-def builtin_catalogue() -> list[BlueprintInfo]:
-    return [
-        BlueprintInfo(spec.name, tuple(spec.hosts), spec.default_blend, spec.widens)
-        for spec in BUILTIN_BLUEPRINTS.values()
-    ]
 
 
 class Catalogue:

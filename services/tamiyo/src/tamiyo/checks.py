@@ -10,10 +10,10 @@ again when it executes (its state may have moved on); these checks catch what is
 from __future__ import annotations
 
 from esper.contracts import ControlDecision
-from tamiyo.choice import BlueprintInfo
+from esper.policy.choice import BlueprintInfo
+from esper.policy.models import JobState
+from esper.policy.tracking import under_evaluation
 from tamiyo.errors import DecisionConflictError, InvalidDecisionError
-from tamiyo.models import JobState
-from tamiyo.tracking import under_evaluation
 
 
 def check_manual(

@@ -39,19 +39,21 @@ from esper.contracts import (
     clip,
 )
 from esper.contracts.jobs import HostKind
-from tamiyo import answers, tracking
+from esper.policy import tracking
+from esper.policy.choice import BlueprintInfo
+from esper.policy.config import PolicyConfig
+from esper.policy.models import JobState, Origin
+from esper.policy.policy import Context, Policy, Proposal
+from tamiyo import answers
 from tamiyo.catalogue import Catalogue
 from tamiyo.checks import check_manual
-from tamiyo.choice import BlueprintInfo
-from tamiyo.config import PolicyConfig
 from tamiyo.errors import (
     DecisionConflictError,
     InvalidDecisionError,
     UnknownJobError,
     UrzaUnavailableError,
 )
-from tamiyo.models import DecisionRecord, JobState, ManualDecision, Origin
-from tamiyo.policy import Context, Policy, Proposal
+from tamiyo.models import DecisionRecord, ManualDecision
 from tamiyo.settings import TamiyoSettings
 from tamiyo.store import Change, TamiyoStore
 

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from esper.bus import connect
 from esper.contracts.api import Check
+from esper.policy import HeuristicPolicy, Policy
 from esper.service import create_app as create_service_app
 from tamiyo import __version__
 from tamiyo.api.errors import ERRORS
@@ -18,7 +19,6 @@ from tamiyo.api.routes import decisions, jobs
 from tamiyo.api.routes import policy as policy_routes
 from tamiyo.catalogue import Catalogue
 from tamiyo.controller import Controller
-from tamiyo.policy import HeuristicPolicy, Policy
 from tamiyo.settings import TamiyoSettings
 from tamiyo.store import TamiyoStore
 

@@ -1,17 +1,27 @@
 """Tamiyo's settings: `TAMIYO_*` environment variables (the bus is `ESPER_BUS_*`).
 
-The policy's defaults are `TAMIYO_<FIELD>` variables too (`TAMIYO_WARMUP_EPOCHS`, see config.py),
-or one JSON object in `TAMIYO_POLICY`; a policy PUT through the API replaces them for every
-replica.
+The policy's defaults (`esper.policy.PolicyConfig`) are `TAMIYO_<FIELD>` variables too
+(`TAMIYO_WARMUP_EPOCHS`, see `PolicyDefaults`), or one JSON object in `TAMIYO_POLICY`; a policy
+PUT through the API replaces them for every replica.
 """
 
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from esper.policy.config import PolicyConfig
 from esper.service import ServiceSettings, UrzaLinkSettings
-from tamiyo.config import PolicyConfig, policy_from_env
+
+
+class PolicyDefaults(PolicyConfig, BaseSettings):
+    """The defaults of this replica: PolicyConfig's, overridden by `TAMIYO_<FIELD>` variables."""
+
+    model_config = SettingsConfigDict(env_prefix="TAMIYO_", extra="ignore", frozen=True)
+
+
+def policy_from_env() -> PolicyConfig:
+    return PolicyConfig.model_validate(PolicyDefaults().model_dump())
 
 
 class TamiyoSettings(ServiceSettings, UrzaLinkSettings):

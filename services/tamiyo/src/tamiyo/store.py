@@ -30,8 +30,9 @@ from redis.exceptions import WatchError
 
 from esper.bus import FIELD, BusSettings
 from esper.contracts import DecisionTaken, Envelope
-from tamiyo.config import PolicyConfig
-from tamiyo.models import DecisionRecord, JobState, PolicyView
+from esper.policy.config import PolicyConfig
+from esper.policy.models import JobState
+from tamiyo.models import DecisionRecord, PolicyView
 
 Redis = aioredis.Redis
 

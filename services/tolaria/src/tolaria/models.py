@@ -40,7 +40,11 @@ from tolaria.errors import SpecError
 MAX_PARAMETERS = 50_000_000
 
 _MODEL = ["spec", "model"]
-_HOSTS: dict[str, type[nn.Module]] = {"linear": nn.Linear, "conv2d": nn.Conv2d}
+_HOSTS: dict[str, type[nn.Module]] = {
+    "linear": nn.Linear,
+    "conv2d": nn.Conv2d,
+    "conv1d": nn.Conv1d,
+}
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
@@ -52,7 +56,8 @@ Shape = tuple[int, ...]
 
 
 def build_model(spec: ModelSpec, input_shape: Shape, classes: int) -> nn.Module:
-    """The model `spec` describes, for samples of `input_shape` (`[F]` or `[C, H, W]`), giving
+    """The model `spec` describes, for samples of `input_shape` (`[F]`, `[C, L]` (a layers
+    model's conv1d layers) or `[C, H, W]`), giving
     `[B, classes]` logits. Raises SpecError when the spec does not fit the data or the model
     would have more than MAX_PARAMETERS parameters."""
     if not input_shape or any(d < 1 for d in input_shape) or classes < 1:
@@ -74,7 +79,7 @@ def build_model(spec: ModelSpec, input_shape: Shape, classes: int) -> nn.Module:
 
 def morphable_layers(model: nn.Module, spec: MorphogenesisSpec) -> list[str]:
     """The dotted names `esper.wrap` should wrap: `spec.layers` when given (each must be a
-    linear or conv2d layer of `model`), otherwise every layer whose kind is in
+    linear, conv2d or conv1d layer of `model`), otherwise every layer whose kind is in
     `spec.layer_types`, in `named_modules()` order."""
     modules = dict(model.named_modules())
     hosts = [n for n, m in modules.items() if n and isinstance(m, tuple(_HOSTS.values()))]
@@ -89,7 +94,8 @@ def morphable_layers(model: nn.Module, spec: MorphogenesisSpec) -> list[str]:
             if name not in hosts:
                 kind = type(modules[name]).__name__
                 raise SpecError(
-                    where, f"layer {name!r} is a {kind}; seeds go into linear and conv2d layers"
+                    where,
+                    f"layer {name!r} is a {kind}; seeds go into linear, conv2d and conv1d layers",
                 )
             if name in spec.layers[:i]:
                 raise SpecError(where, f"layer {name!r} is named twice")
@@ -119,6 +125,13 @@ class GlobalAvgPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3))
+
+
+class GlobalAvgPool1d(nn.Module):
+    """`[B, C, L]` → `[B, C]`: the mean over the sequence."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=2)
 
 
 class BasicBlock(nn.Module):
@@ -232,9 +245,9 @@ def _resnet(spec: ResNetModel, shape: Shape, classes: int) -> nn.Module:
 # ------------------------------------------------------------ declarative
 def _declared(spec: LayersModel, shape: Shape, classes: int) -> nn.Module:
     """Each entry's input size is the previous entry's output, starting from the samples'
-    shape; `[F]` samples are vectors, `[C, H, W]` samples feature maps. A linear layer needs a
-    vector (put `flatten` or `global_avgpool` after convolutions); the last output must be
-    `[classes]`."""
+    shape; `[F]` samples are vectors, `[C, L]` samples sequences (for conv1d layers), `[C, H, W]`
+    samples feature maps. A linear layer needs a vector (put `flatten` or `global_avgpool`
+    after convolutions); the last output must be `[classes]`."""
     model = nn.Sequential()
     for i, layer in enumerate(spec.layers):
         where: list[str | int] = [*_MODEL, "layers", i]
@@ -281,6 +294,8 @@ def _layer(
                 [*where, "groups"], f"{channels} channels do not split into {layer.groups} groups"
             )
         return nn.GroupNorm(layer.groups, channels), shape
+    if len(shape) == 2 or kind == "conv1d":
+        return _layer1d(layer, shape, classes, where)
     channels, height, width = _maps(shape, kind, where)
     if kind == "batchnorm2d":
         return nn.BatchNorm2d(channels), shape
@@ -297,8 +312,47 @@ def _layer(
             padding = k // 2 if layer.padding == "same" else layer.padding
             size = _shrink(height, width, k, s, padding, where)
         return nn.Conv2d(channels, out, k, stride=s, padding=padding), (out, *size)
-    # Pooling keeps torch's defaults unless the spec sets them: a 2×2 window, stride = window,
-    # no padding. LayerDef's defaults (3, 1, "same") are a convolution's.
+    k, s, pad = _pool_window(layer, where)
+    size = _shrink(height, width, k, s, pad, where)
+    pool = nn.MaxPool2d(k, s, pad) if kind == "maxpool2d" else nn.AvgPool2d(k, s, pad)
+    return pool, (channels, *size)
+
+
+def _layer1d(
+    layer: LayerDef, shape: Shape, classes: int, where: list[str | int]
+) -> tuple[nn.Module, Shape]:
+    """An entry on `[C, L]` sequences: conv1d, global_avgpool over L, and the pools as 1-D
+    windows along L (a k-wide window where a feature map's is k×k)."""
+    kind = layer.type
+    if len(shape) != 2:
+        raise SpecError(
+            where, f"{kind} needs sequences [C, L] but gets samples of shape {list(shape)}"
+        )
+    channels, length = shape
+    if kind == "global_avgpool":
+        return GlobalAvgPool1d(), (channels,)
+    if kind == "conv1d":
+        out = _out(layer, classes, where)
+        k, s = layer.kernel_size, layer.stride
+        if layer.padding == "same" and s == 1:
+            padding: int | str = k // 2 if k % 2 else "same"  # as conv2d's: see _layer
+            size = length
+        else:
+            padding = k // 2 if layer.padding == "same" else layer.padding
+            size = _shrink1d(length, k, s, padding, where)
+        return nn.Conv1d(channels, out, k, stride=s, padding=padding), (out, size)
+    if kind not in ("maxpool2d", "avgpool2d"):
+        raise SpecError(where, f"{kind} needs feature maps [C, H, W], not sequences [C, L]")
+    k, s, pad = _pool_window(layer, where)
+    size = _shrink1d(length, k, s, pad, where)
+    pool = nn.MaxPool1d(k, s, pad) if kind == "maxpool2d" else nn.AvgPool1d(k, s, pad)
+    return pool, (channels, size)
+
+
+def _pool_window(layer: LayerDef, where: list[str | int]) -> tuple[int, int, int]:
+    """A pool's window, stride and padding. Pooling keeps torch's defaults unless the spec sets
+    them: a window of 2, stride = window, no padding. LayerDef's defaults (3, 1, "same") are a
+    convolution's."""
     given = layer.model_fields_set
     k = layer.kernel_size if "kernel_size" in given else 2
     s = layer.stride if "stride" in given else k
@@ -306,9 +360,7 @@ def _layer(
     assert isinstance(pad, int)
     if pad > k // 2:
         raise SpecError([*where, "padding"], f"padding {pad} is over half the window ({k})")
-    size = _shrink(height, width, k, s, pad, where)
-    pool = nn.MaxPool2d(k, s, pad) if kind == "maxpool2d" else nn.AvgPool2d(k, s, pad)
-    return pool, (channels, *size)
+    return k, s, pad
 
 
 def _out(layer: LayerDef, classes: int, where: list[str | int]) -> int:
@@ -334,5 +386,16 @@ def _shrink(
             where,
             f"a {k}×{k} window (stride {s}, padding {pad}) does not fit the {height}×{width} "
             "feature map: the output would be empty",
+        )
+    return size
+
+
+def _shrink1d(length: int, k: int, s: int, pad: int, where: list[str | int]) -> int:
+    size = (length + 2 * pad - k) // s + 1
+    if size < 1:
+        raise SpecError(
+            where,
+            f"a {k}-wide window (stride {s}, padding {pad}) does not fit the sequence of length "
+            f"{length}: the output would be empty",
         )
     return size

@@ -52,7 +52,8 @@ def estimate_compile(spec: BlueprintSpec, host: HostSignature) -> CompileEstimat
     batch = max(EXAMPLE_BATCH, PROBE_BATCH)
     if host.kind == "linear":
         shape: tuple[int, ...] = host.input_shape(batch)
-    else:  # the example input's spatial size (esper.kernels.executor.example_input)
+    else:  # the example input's spatial size (esper.kernels.executor.example_input); a
+        # conv1d host's input takes the second as its length
         shape = host.input_shape(batch, (host.min_extent(0) + 3, host.min_extent(1) + 5))
     values = _values(module, shape)
     return CompileEstimate(

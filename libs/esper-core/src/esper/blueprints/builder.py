@@ -67,7 +67,10 @@ class _Builder:
     def __init__(self, spec: BlueprintSpec, host: HostSignature) -> None:
         check_host(spec, host)
         self.spec, self.host = spec, host
-        self.conv = host.kind == "conv2d"
+        self.conv = host.kind != "linear"
+        # Dims after the channels: a conv1d host is built from 1-D modules (its geometry is the
+        # second element of each pair: HostSignature).
+        self.spatial_dims = {"linear": 0, "conv1d": 1, "conv2d": 2}[host.kind]
         # A widening seed maps A's input to B's output; `mid` is A's output, the widened width.
         self.env = {
             "in": float(host.in_features),
@@ -108,10 +111,8 @@ class _Builder:
             if not self.conv:
                 return out, nn.Linear(width, out, bias=op.bias)
             if isinstance(op, HostProjOp):
-                return out, nn.Conv2d(
-                    width, out, h.kernel_size, h.stride, h.padding, h.dilation, bias=op.bias
-                )
-            return out, nn.Conv2d(width, out, 1, bias=op.bias)
+                return out, self.conv_like(h, width, out, bias=op.bias)
+            return out, self.conv_cls(width, out, 1, bias=op.bias)
         if isinstance(op, ConvOp | DepthwiseOp):
             out = width if isinstance(op, DepthwiseOp) else self.size(op.out, where)
             groups = width if isinstance(op, DepthwiseOp) else self.size(op.groups, where)
@@ -119,17 +120,12 @@ class _Builder:
                 raise BlueprintHostError(
                     f"{where}: groups={groups} must divide in width {width} and out width {out}"
                 )
-            geometry: dict[str, Any]
             if op.kernel == "host":
-                geometry = dict(
-                    kernel_size=h.kernel_size,
-                    stride=h.stride,
-                    padding=h.padding,
-                    dilation=h.dilation,
-                )
-            else:
-                geometry = dict(kernel_size=op.kernel, padding=op.kernel // 2)
-            return out, nn.Conv2d(width, out, groups=groups, bias=op.bias, **geometry)
+                return out, self.conv_like(h, width, out, groups=groups, bias=op.bias)
+            # An own kernel k is k×k on a conv2d host, k wide on a conv1d one.
+            return out, self.conv_cls(
+                width, out, op.kernel, padding=op.kernel // 2, groups=groups, bias=op.bias
+            )
         if isinstance(op, NormOp):
             if self.conv:
                 return width, nn.GroupNorm(math.gcd(op.groups, width), width)
@@ -139,15 +135,16 @@ class _Builder:
         if isinstance(op, GLUOp):
             out = self.size(op.out, where)
             proj = (
-                nn.Conv2d(width, 2 * out, 1, bias=op.bias)
+                self.conv_cls(width, 2 * out, 1, bias=op.bias)
                 if self.conv
                 else nn.Linear(width, 2 * out, bias=op.bias)
             )
             return out, GatedLinearUnit(proj, channel_dim=1 if self.conv else -1)
         if isinstance(op, SqueezeExciteOp):
-            return width, SqueezeExcite(width, max(1, int(width * op.ratio)), spatial=self.conv)
+            hidden = max(1, int(width * op.ratio))
+            return width, SqueezeExcite(width, hidden, spatial_dims=self.spatial_dims)
         if isinstance(op, ScaleOp):
-            return width, ChannelScale(width, op.init, spatial=self.conv)
+            return width, ChannelScale(width, op.init, spatial_dims=self.spatial_dims)
         if isinstance(op, ResidualOp):
             inner, layers = self.sequence(op.body, width, where)
             if inner != width:
@@ -162,8 +159,37 @@ class _Builder:
         if not self.conv:
             return out, nn.Linear(width, out, bias=op.bias)
         # Dense (groups 1) like host_proj: the new units feed every output channel.
-        return out, nn.Conv2d(
-            width, out, d.kernel_size, d.stride, d.padding, d.dilation, bias=op.bias
+        return out, self.conv_like(d, width, out, bias=op.bias)
+
+    @property
+    def conv_cls(self) -> type[nn.Conv1d] | type[nn.Conv2d]:
+        return nn.Conv1d if self.spatial_dims == 1 else nn.Conv2d
+
+    def conv_like(
+        self, layer: HostSignature, width: int, out: int, *, groups: int = 1, bias: bool = True
+    ) -> nn.Module:
+        """A conv of `layer`'s geometry (kernel, stride, padding, dilation) from width to out."""
+        if self.spatial_dims == 1:
+            padding: Any = layer.padding if layer.padding == "same" else layer.padding[1]
+            return nn.Conv1d(
+                width,
+                out,
+                layer.kernel_size[1],
+                layer.stride[1],
+                padding,
+                layer.dilation[1],
+                groups=groups,
+                bias=bias,
+            )
+        return nn.Conv2d(
+            width,
+            out,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            groups=groups,
+            bias=bias,
         )
 
 

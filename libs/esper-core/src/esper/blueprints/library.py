@@ -7,11 +7,14 @@ from typing import Any
 from esper.blueprints.spec import BlueprintSpec
 from esper.exceptions import UnknownBlueprintError
 
+# Version 2 of a built-in is version 1 that serves conv1d hosts too: a store holding version 1
+# keeps it, and a changed spec under the same version would refuse Urza's start-up on it.
 _SPECS: list[dict[str, Any]] = [
     {
         "name": "low_rank",
+        "version": 2,
         "description": "LoRA-style rank-r branch: a host-geometry projection to r, then up to out.",
-        "hosts": ["linear", "conv2d"],
+        "hosts": ["linear", "conv2d", "conv1d"],
         "params": {"rank": 8},
         "body": [
             {"op": "host_proj", "out": "rank", "bias": False},
@@ -20,8 +23,9 @@ _SPECS: list[dict[str, Any]] = [
     },
     {
         "name": "residual_mlp",
+        "version": 2,
         "description": "Projection to a hidden width, a residual MLP block, projection to out.",
-        "hosts": ["linear", "conv2d"],
+        "hosts": ["linear", "conv2d", "conv1d"],
         "params": {"ratio": 0.25, "floor": 16},
         "body": [
             {"op": "host_proj", "out": "max(floor, out*ratio)"},
@@ -39,8 +43,9 @@ _SPECS: list[dict[str, Any]] = [
     },
     {
         "name": "bottleneck",
+        "version": 2,
         "description": "Squeeze to out/4, normalise and activate, expand back to out.",
-        "hosts": ["linear", "conv2d"],
+        "hosts": ["linear", "conv2d", "conv1d"],
         "params": {"ratio": 0.25},
         "body": [
             {"op": "host_proj", "out": "max(4, out*ratio)"},
@@ -51,10 +56,12 @@ _SPECS: list[dict[str, Any]] = [
     },
     {
         "name": "conv3x3",
+        "version": 2,
         "description": (
-            "Host-geometry reduction, a 3x3 conv at the output resolution, GroupNorm, 1x1 up."
+            "Host-geometry reduction, a 3x3 conv (3-wide on conv1d hosts) at the output "
+            "resolution, GroupNorm, 1x1 up."
         ),
-        "hosts": ["conv2d"],
+        "hosts": ["conv2d", "conv1d"],
         "params": {"ratio": 0.5},
         "body": [
             {"op": "host_proj", "out": "max(8, out*ratio)", "bias": False},
@@ -67,8 +74,9 @@ _SPECS: list[dict[str, Any]] = [
     },
     {
         "name": "depthwise_separable",
+        "version": 2,
         "description": "Depthwise conv with the host's geometry, then a pointwise conv to out.",
-        "hosts": ["conv2d"],
+        "hosts": ["conv2d", "conv1d"],
         "body": [
             {"op": "depthwise", "kernel": "host", "bias": False},
             {"op": "norm"},
@@ -78,10 +86,11 @@ _SPECS: list[dict[str, Any]] = [
     },
     {
         "name": "squeeze_excite",
+        "version": 2,
         "description": (
             "Channel attention on the input (squeeze-excitation), then the host-geometry map."
         ),
-        "hosts": ["linear", "conv2d"],
+        "hosts": ["linear", "conv2d", "conv1d"],
         "body": [
             {"op": "squeeze_excite", "ratio": 0.25},
             {"op": "host_proj", "out": "out"},
@@ -89,8 +98,9 @@ _SPECS: list[dict[str, Any]] = [
     },
     {
         "name": "gated_linear_unit",
+        "version": 2,
         "description": "A GLU (a ⊙ σ(b)) to a hidden width, then a projection to out.",
-        "hosts": ["linear", "conv2d"],
+        "hosts": ["linear", "conv2d", "conv1d"],
         "params": {"ratio": 0.5},
         "body": [
             {"op": "glu", "out": "max(8, out*ratio)"},
@@ -99,8 +109,9 @@ _SPECS: list[dict[str, Any]] = [
     },
     {
         "name": "norm_scale",
+        "version": 2,
         "description": "Host-geometry map, normalised, times a per-channel scale that starts at 0.",
-        "hosts": ["linear", "conv2d"],
+        "hosts": ["linear", "conv2d", "conv1d"],
         "body": [
             {"op": "host_proj", "out": "out", "bias": False},
             {"op": "norm"},
@@ -122,10 +133,11 @@ _SPECS: list[dict[str, Any]] = [
     },
     {
         "name": "widen",
+        "version": 2,
         "description": (
             "k = max(4, mid·ratio) new hidden units between this layer and the next (ratio 0.5)"
         ),
-        "hosts": ["linear", "conv2d"],
+        "hosts": ["linear", "conv2d", "conv1d"],
         "widens": True,
         "params": {"ratio": 0.5},
         "body": [

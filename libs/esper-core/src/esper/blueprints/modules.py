@@ -18,24 +18,35 @@ class GatedLinearUnit(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    def __init__(self, width: int, hidden: int, spatial: bool) -> None:
+    """`spatial_dims`: 0 on [B, C], 1 on [B, C, L], 2 on [B, C, H, W] (pooled over them)."""
+
+    def __init__(self, width: int, hidden: int, spatial_dims: int) -> None:
         super().__init__()
         self.reduce = nn.Linear(width, hidden)
         self.expand = nn.Linear(hidden, width)
-        self.spatial = spatial
+        self.spatial_dims = spatial_dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean(dim=(2, 3)) if self.spatial else x
+        if self.spatial_dims == 2:
+            pooled = x.mean(dim=(2, 3))
+        elif self.spatial_dims == 1:
+            pooled = x.mean(dim=2)
+        else:
+            pooled = x
         gate = torch.sigmoid(self.expand(torch.relu(self.reduce(pooled))))
-        if self.spatial:
+        if self.spatial_dims == 2:
             gate = gate[:, :, None, None]
+        elif self.spatial_dims == 1:
+            gate = gate[:, :, None]
         return x * gate
 
 
 class ChannelScale(nn.Module):
-    def __init__(self, width: int, init: float, spatial: bool) -> None:
+    """A per-channel scale of [B, C] (`spatial_dims` 0), [B, C, L] (1) or [B, C, H, W] (2)."""
+
+    def __init__(self, width: int, init: float, spatial_dims: int) -> None:
         super().__init__()
-        shape = (width, 1, 1) if spatial else (width,)
+        shape = (width,) + (1,) * spatial_dims
         self.scale = nn.Parameter(torch.full(shape, float(init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from esper.contracts.vocabulary import Blend
 from esper.exceptions import BlueprintSpecError
 
 Size = int | str
-HostKind = Literal["linear", "conv2d"]
+HostKind = Literal["linear", "conv2d", "conv1d"]
 RESERVED_NAMES = {"in", "in_", "out", "mid", "min", "max"}  # `in` is parsed as `in_`
 MAX_OPS = 32
 MAX_KERNEL = 31  # an op's own kernel size (odd); a bigger one is a host's (`kernel: "host"`)
@@ -232,20 +232,20 @@ class BlueprintSpec(BaseModel):
                     except BlueprintSpecError as err:
                         raise ValueError(f"{where}: {err}") from None
                 if op.conv_only and "linear" in self.hosts:
-                    raise ValueError(f"{where} needs a conv2d host but hosts include 'linear'")
+                    raise ValueError(f"{where} needs a conv host but hosts include 'linear'")
             if depth and op.carries_geometry:
                 raise ValueError(f"{where}: a residual body cannot carry the host's geometry")
             if depth and isinstance(op, NextProjOp):
                 raise ValueError(f"{where}: a residual body cannot hold next_proj")
         self._check_next_proj()
-        if "conv2d" in self.hosts:
+        if "conv2d" in self.hosts or "conv1d" in self.hosts:
             geometry = [
                 f"body[{i}] ({op.op})" for i, op in enumerate(self.body) if op.carries_geometry
             ]
             if len(geometry) != 1:
                 before = " before its next_proj" if self.widens else ""
                 raise ValueError(
-                    "a conv2d blueprint needs exactly one top-level op with the host's geometry "
+                    "a conv blueprint needs exactly one top-level op with the host's geometry "
                     f"(host_proj, or conv/depthwise with kernel 'host'){before}; "
                     f"found {len(geometry)}" + (f": {', '.join(geometry)}" if geometry else "")
                 )

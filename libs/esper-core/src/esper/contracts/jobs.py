@@ -46,8 +46,8 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-HostKind = Literal["linear", "conv2d"]
-HOST_KINDS: tuple[HostKind, ...] = ("linear", "conv2d")
+HostKind = Literal["linear", "conv2d", "conv1d"]
+HOST_KINDS: tuple[HostKind, ...] = ("linear", "conv2d", "conv1d")
 Activation = Literal["relu", "tanh", "gelu", "silu"]
 Width = Annotated[StrictInt, Field(ge=1, le=65536)]
 
@@ -89,6 +89,7 @@ class LayerDef(_Spec):
     type: Literal[
         "linear",
         "conv2d",
+        "conv1d",
         "relu",
         "tanh",
         "gelu",
@@ -104,7 +105,7 @@ class LayerDef(_Spec):
     name: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     out: Width | Literal["classes"] | None = Field(
         default=None,
-        description="output width (linear) or channels (conv2d); 'classes' for the head",
+        description="output width (linear) or channels (conv2d, conv1d); 'classes' for the head",
     )
     kernel_size: Annotated[StrictInt, Field(ge=1, le=15)] = 3
     stride: Annotated[StrictInt, Field(ge=1, le=8)] = 1
@@ -114,7 +115,7 @@ class LayerDef(_Spec):
 
     @model_validator(mode="after")
     def _sizes(self) -> LayerDef:
-        if self.type in ("linear", "conv2d") and self.out is None:
+        if self.type in ("linear", "conv2d", "conv1d") and self.out is None:
             raise ValueError(f"a {self.type} layer needs `out`")
         return self
 

@@ -33,9 +33,18 @@ def _pair(value: int | tuple[int, ...]) -> Pair:
     return (int(value[0]), int(value[1]))
 
 
+def _padding(padding: str | int | tuple[int, ...]) -> Pair | Literal["same"]:
+    if isinstance(padding, str):
+        return "same" if padding == "same" else (0, 0)  # "valid"
+    return _pair(padding)
+
+
 class HostSignature(BaseModel):
     """A Linear host maps [..., in_features] → [..., out_features]; a Conv2d host maps
     [B, in_features, H, W] → [B, out_features, H', W'] with its kernel/stride/padding/dilation.
+    A Conv1d host maps [B, in_features, L] → [B, out_features, L']: a conv over a height-1 map,
+    so its geometry is the same pairs with a first element of 1 (padding 0): kernel_size
+    (1, k), stride (1, s), padding (0, p) or "same", dilation (1, d).
 
     A *widening* host also names its `downstream` layer, the next one, of the same kind, that
     reads this layer's output through an elementwise activation. A seed for it reads this
@@ -45,7 +54,7 @@ class HostSignature(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["linear", "conv2d"]
+    kind: Literal["linear", "conv2d", "conv1d"]
     in_features: int = Field(ge=1, le=MAX_HOST_FEATURES)
     out_features: int = Field(ge=1, le=MAX_HOST_FEATURES)
     kernel_size: Pair = (1, 1)
@@ -81,7 +90,19 @@ class HostSignature(BaseModel):
             raise ValueError("padding='same' needs stride (1, 1)")
         if self.in_features % self.groups or self.out_features % self.groups:
             raise ValueError(f"groups={self.groups} must divide in and out features")
+        if self.kind == "conv1d":
+            self._check_conv1d()
         return self
+
+    def _check_conv1d(self) -> None:
+        firsts = {name: getattr(self, name)[0] for name in _PAIR_LIMITS}
+        if any(first != 1 for first in firsts.values()):
+            raise ValueError(
+                "a conv1d host's kernel_size, stride and dilation are (1, k), (1, s), (1, d); "
+                f"got first elements {firsts}"
+            )
+        if self.padding != "same" and self.padding[0] != 0:
+            raise ValueError(f"a conv1d host's padding is (0, p) or 'same', got {self.padding}")
 
     @classmethod
     def of(cls, module: nn.Module) -> HostSignature:
@@ -98,23 +119,34 @@ class HostSignature(BaseModel):
                 kind="linear", in_features=module.in_features, out_features=module.out_features
             )
         if isinstance(module, nn.Conv2d):
-            padding = module.padding
-            if isinstance(padding, str):
-                padding_value: Pair | Literal["same"] = "same" if padding == "same" else (0, 0)
-            else:
-                padding_value = _pair(padding)
             return cls(
                 kind="conv2d",
                 in_features=module.in_channels,
                 out_features=module.out_channels,
                 kernel_size=_pair(module.kernel_size),
                 stride=_pair(module.stride),
-                padding=padding_value,
+                padding=_padding(module.padding),
                 dilation=_pair(module.dilation),
                 groups=module.groups,
             )
+        if isinstance(module, nn.Conv1d):
+            # Conv1d's tuples have one element: pad it to the (1, k)-style pair of a conv1d.
+            padding = _padding(
+                module.padding if isinstance(module.padding, str) else (0, *module.padding)
+            )
+            return cls(
+                kind="conv1d",
+                in_features=module.in_channels,
+                out_features=module.out_channels,
+                kernel_size=(1, module.kernel_size[0]),
+                stride=(1, module.stride[0]),
+                padding=padding,
+                dilation=(1, module.dilation[0]),
+                groups=module.groups,
+            )
         raise UnsupportedHostError(
-            f"cannot wrap {type(module).__name__}: Kasmina hosts are nn.Linear and nn.Conv2d"
+            f"cannot wrap {type(module).__name__}: Kasmina hosts are nn.Linear, nn.Conv1d and "
+            "nn.Conv2d"
         )
 
     def widening(self, downstream: HostSignature) -> HostSignature:
@@ -140,6 +172,16 @@ class HostSignature(BaseModel):
             return nn.Sequential(self.layer.reference_module(), self.downstream.reference_module())
         if self.kind == "linear":
             return nn.Linear(self.in_features, self.out_features)
+        if self.kind == "conv1d":
+            return nn.Conv1d(
+                self.in_features,
+                self.out_features,
+                self.kernel_size[1],
+                self.stride[1],
+                self.padding if self.padding == "same" else self.padding[1],
+                self.dilation[1],
+                self.groups,
+            )
         return nn.Conv2d(
             self.in_features,
             self.out_features,
@@ -151,11 +193,14 @@ class HostSignature(BaseModel):
         )
 
     def input_shape(self, batch: int, hw: Pair | None = None) -> tuple[int, ...]:
-        """A small input shape for this host; conv inputs are large enough for its kernel."""
+        """A small input shape for this host; conv inputs are large enough for its kernel. A
+        conv1d input is [batch, C, L] with L = `hw[1]` (its geometry's second elements)."""
         if self.kind == "linear":
             return (batch, self.in_features)
         if hw is None:
             hw = (self.min_extent(0), self.min_extent(1))
+        if self.kind == "conv1d":
+            return (batch, self.in_features, hw[1])
         return (batch, self.in_features, *hw)
 
     def min_extent(self, dim: int) -> int:
@@ -175,14 +220,17 @@ class HostSignature(BaseModel):
             return self.downstream.output_shape(self.layer.output_shape(input_shape))
         if self.kind == "linear":
             return (*input_shape[:-1], self.out_features)
+        if self.kind == "conv1d":
+            batch, _, length = input_shape
+            return (batch, self.out_features, self._out_extent(1, length))
         batch, _, h, w = input_shape
+        return (batch, self.out_features, self._out_extent(0, h), self._out_extent(1, w))
+
+    def _out_extent(self, dim: int, size: int) -> int:
         if self.padding == "same":
-            return (batch, self.out_features, h, w)
-        out = []
-        for dim, size in enumerate((h, w)):
-            span = self.dilation[dim] * (self.kernel_size[dim] - 1) + 1
-            out.append((size + 2 * self.padding[dim] - span) // self.stride[dim] + 1)
-        return (batch, self.out_features, out[0], out[1])
+            return size
+        span = self.dilation[dim] * (self.kernel_size[dim] - 1) + 1
+        return (size + 2 * self.padding[dim] - span) // self.stride[dim] + 1
 
 
 class KernelMeta(BaseModel):

@@ -248,7 +248,7 @@ class KasminaLayer(nn.Module):
             if self.signature.kind == "linear" and seed_in.dim() != 2:
                 k = slot.call(seed_in.reshape(-1, self.signature.in_features))
                 k = k.reshape(*seed_in.shape[:-1], k.shape[-1])
-            elif self.signature.kind == "conv2d" and seed_in.dim() == 3:
+            elif self._unbatched(seed_in):
                 k = slot.call(seed_in.unsqueeze(0)).squeeze(0)
             else:
                 k = slot.call(seed_in)
@@ -281,6 +281,10 @@ class KasminaLayer(nn.Module):
         self._fed = fed
         self._route()
 
+    def _unbatched(self, x: torch.Tensor) -> bool:
+        kind = self.signature.kind
+        return (kind == "conv2d" and x.dim() == 3) or (kind == "conv1d" and x.dim() == 2)
+
     def _seed_output(self, i: int, x: torch.Tensor, host: torch.Tensor, lerp: bool) -> torch.Tensor:
         slot = self._slots[i]
         module = slot.call
@@ -290,8 +294,9 @@ class KasminaLayer(nn.Module):
             if self.signature.kind == "linear" and seed_in.dim() != 2:
                 # Kernels are exported for [batch, features]; fold any leading dims into batch.
                 k = module(seed_in.reshape(-1, self.signature.in_features)).reshape(host.shape)
-            elif self.signature.kind == "conv2d" and seed_in.dim() == 3:
-                # An unbatched [C, H, W] input, which nn.Conv2d accepts: kernels expect a batch.
+            elif self._unbatched(seed_in):
+                # An unbatched [C, H, W] or [C, L] input, which nn.Conv2d and nn.Conv1d accept:
+                # kernels expect a batch.
                 k = module(seed_in.unsqueeze(0)).squeeze(0)
             else:
                 k = module(seed_in)

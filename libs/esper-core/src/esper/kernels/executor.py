@@ -53,6 +53,7 @@ def probe_input(
 def example_input(host: HostSignature) -> torch.Tensor:
     if host.kind == "linear":
         return probe_input(host, batch=EXAMPLE_BATCH)
+    # A conv1d input takes the second extent as its length (HostSignature.input_shape).
     hw = (host.min_extent(0) + 3, host.min_extent(1) + 5)
     return probe_input(host, batch=EXAMPLE_BATCH, hw=hw)
 
@@ -63,7 +64,8 @@ _EXPORT_LOCK = threading.Lock()
 
 
 def serialize(module: nn.Module, host: HostSignature, fmt: KernelFormat) -> bytes:
-    """Export (batch, and for conv H and W, dynamic) or script `module`; return the file bytes."""
+    """Export (batch, and for conv H and W or L, dynamic) or script `module`; return the
+    file bytes."""
     if fmt == "export":
         return save_program(export_program(module, host))
     buffer = io.BytesIO()
@@ -74,10 +76,12 @@ def serialize(module: nn.Module, host: HostSignature, fmt: KernelFormat) -> byte
 
 
 def export_program(module: nn.Module, host: HostSignature) -> torch.export.ExportedProgram:
-    """torch.export of `module` (train mode) with the batch, and for conv H and W, dynamic."""
+    """torch.export of `module` (train mode) with the batch, and for conv H and W or L, dynamic."""
     dims: dict[int, Any] = {0: Dim.AUTO}
     if host.kind == "conv2d":
         dims.update({2: Dim.AUTO, 3: Dim.AUTO})
+    elif host.kind == "conv1d":
+        dims[2] = Dim.AUTO
     # FakeTensor's dispatch cache lives on each export's own ShapeEnv, so an entry is never
     # reused by a later compile, and making one re-synthesizes and checks every symbolic
     # output: 20-40 % of an export's time (conv blueprints, whose H and W are dynamic). The

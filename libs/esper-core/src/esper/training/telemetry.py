@@ -54,10 +54,10 @@ class _Moments:
         if not y.is_floating_point() or y.dtype in (torch.float16, torch.bfloat16):
             y = y.float()  # half-precision sums of a large batch lose the variance
         variance, mean = torch.var_mean(y, correction=0)
-        # Output features: the last dim of a Linear, the channels of a Conv2d (dim 1 when
-        # batched, dim 0 for an unbatched [C, H, W] input).
-        if kind == "conv2d":
-            channel_dim = 1 if y.dim() == 4 else 0
+        # Output features: the last dim of a Linear, the channels of a Conv2d or Conv1d (dim 1
+        # when batched, dim 0 for an unbatched [C, H, W] or [C, L] input).
+        if kind in ("conv2d", "conv1d"):
+            channel_dim = 1 if y.dim() == (4 if kind == "conv2d" else 3) else 0
             peak = y.transpose(0, channel_dim).reshape(y.shape[channel_dim], -1).amax(dim=1)
         else:
             peak = y.reshape(-1, y.shape[-1]).amax(dim=0)

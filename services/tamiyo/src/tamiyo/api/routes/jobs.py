@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
+from esper.policy.models import JobState
 from esper.service import ApiError, RequireToken, error_responses
 from tamiyo.deps import ControllerDep, StoreDep
-from tamiyo.models import DecisionRecord, JobState, ManualDecision
+from tamiyo.models import DecisionRecord, ManualDecision
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from esper.policy.config import PolicyConfig
 from esper.service import ApiError, RequireToken, error_responses
-from tamiyo.config import PolicyConfig
 from tamiyo.deps import CatalogueDep, StoreDep
 from tamiyo.models import PolicyView
 

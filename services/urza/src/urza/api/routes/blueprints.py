@@ -25,6 +25,9 @@ _TRIAL_HOSTS = {
     "conv2d": HostSignature(
         kind="conv2d", in_features=16, out_features=16, kernel_size=(3, 3), padding=(1, 1)
     ),
+    "conv1d": HostSignature(
+        kind="conv1d", in_features=16, out_features=16, kernel_size=(1, 3), padding=(0, 1)
+    ),
 }
 _ERRORS = error_responses(404, 409, 422)
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 from esper.contracts import Action, Blend, Message, Scalar, TelemetryReport
 from esper.contracts.control import Strategy
-from tamiyo.choice import BlueprintInfo, choose_blueprint, rank_layers
-from tamiyo.config import PolicyConfig
-from tamiyo.fitting import (
+from esper.policy.choice import BlueprintInfo, choose_blueprint, rank_layers
+from esper.policy.config import PolicyConfig
+from esper.policy.fitting import (
     Bottleneck,
     Stall,
     narrow_layer,
@@ -40,8 +40,8 @@ from tamiyo.fitting import (
     train_progress,
     train_stall,
 )
-from tamiyo.models import JobState, SeedTrack
-from tamiyo.tracking import judged_by_tamiyo, under_evaluation
+from esper.policy.models import JobState, SeedTrack
+from esper.policy.tracking import judged_by_tamiyo, under_evaluation
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
 """Where to grow and with what: the layer ranking and the blueprint choice by strategy.
 
-The layer signal (README, "Which layer"): by default the host layer's gradient norm × its live
-fraction (1 − dead_fraction), averaged over recent reports; for a layer the job can widen, the
-gradient that new hidden units there would get (`LayerStats.growth_gain`) instead. A layer the
-loss still pulls hard on at a plateau is one the optimizer cannot satisfy with the units it has:
-that is where new capacity pays (the same reasoning GradMax-style growth uses). Gradient norms
-are measured only on sampled training steps (`training.telemetry_every_steps`); a job that
-reports per epoch only has none, and then the layers are ranked by activation variance × live
-fraction instead — the decision's evidence says which signal ranked them.
+The layer signal (services/tamiyo/README.md, "Which layer"): by default the host layer's
+gradient norm × its live fraction (1 − dead_fraction), averaged over recent reports; for a layer
+the job can widen, the gradient that new hidden units there would get (`LayerStats.growth_gain`)
+instead. A layer the loss still pulls hard on at a plateau is one the optimizer cannot satisfy
+with the units it has: that is where new capacity pays (the same reasoning GradMax-style growth
+uses). Gradient norms are measured only on sampled training steps
+(`training.telemetry_every_steps`); a job that reports per epoch only has none, and then the
+layers are ranked by activation variance × live fraction instead — the decision's evidence
+says which signal ranked them.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from dataclasses import dataclass
 
 from esper.contracts import Blend
 from esper.contracts.jobs import HOST_KINDS
-from tamiyo.config import PREFERENCE, PolicyConfig
-from tamiyo.models import JobState
+from esper.policy.config import PREFERENCE, PolicyConfig
+from esper.policy.models import JobState
 
 
 @dataclass(frozen=True)
 class BlueprintInfo:
-    """What Tamiyo needs to know of a blueprint in Urza's registry."""
+    """What the policy needs to know of a blueprint (from Urza's registry, or the built-ins)."""
 
     name: str
     hosts: tuple[str, ...]

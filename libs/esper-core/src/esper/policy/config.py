@@ -1,9 +1,11 @@
 """The policy configuration: every threshold the heuristic policy uses, with its default.
 
-`PolicyConfig` is what `GET /policy` shows and `PUT /policy` replaces; it is stored in Redis, so
-every Tamiyo replica applies the same one. Until someone PUTs one, each replica uses the defaults
-below, each overridable by an environment variable `TAMIYO_<FIELD>` (`TAMIYO_WARMUP_EPOCHS=2`,
-`TAMIYO_BLUEPRINTS='["residual_mlp"]'`). The README explains every field.
+In-process, a training loop passes its own `PolicyConfig`. Hosted by Tamiyo, it is what
+`GET /policy` shows and `PUT /policy` replaces; it is stored in Redis, so every Tamiyo replica
+applies the same one. Until someone PUTs one, each replica uses the defaults below, each
+overridable by an environment variable `TAMIYO_<FIELD>` (`TAMIYO_WARMUP_EPOCHS=2`,
+`TAMIYO_BLUEPRINTS='["residual_mlp"]'`; Tamiyo's settings). services/tamiyo/README.md explains
+every field.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from esper.contracts import Blend, BlueprintName
 from esper.contracts.control import Strategy
@@ -235,13 +236,3 @@ class PolicyConfig(BaseModel):
         if value is not None and len(set(value)) != len(value):
             raise ValueError("a blueprint is listed twice")
         return value
-
-
-class PolicyDefaults(PolicyConfig, BaseSettings):
-    """The defaults of this replica: PolicyConfig's, overridden by `TAMIYO_<FIELD>` variables."""
-
-    model_config = SettingsConfigDict(env_prefix="TAMIYO_", extra="ignore", frozen=True)
-
-
-def policy_from_env() -> PolicyConfig:
-    return PolicyConfig.model_validate(PolicyDefaults().model_dump())

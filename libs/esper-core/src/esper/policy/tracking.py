@@ -40,9 +40,9 @@ from esper.contracts import (
     TelemetryReport,
 )
 from esper.contracts.jobs import HostKind
-from tamiyo import fitting
-from tamiyo.config import PolicyConfig
-from tamiyo.models import BlueprintRecord, JobState, LayerView, Origin, Pending, SeedTrack
+from esper.policy import fitting
+from esper.policy.config import PolicyConfig
+from esper.policy.models import BlueprintRecord, JobState, LayerView, Origin, Pending, SeedTrack
 
 MAX_RECENT_DECISIONS = 50
 MAX_ALPHAS = 8
@@ -379,7 +379,7 @@ def _answer(state: JobState, event: DecisionTaken, config: PolicyConfig) -> bool
 def _refused(state: JobState, pending: Pending, event: DecisionTaken, config: PolicyConfig) -> None:
     """A refusal for want of room, or because the job grows no seeds, is not the blueprint's
     fault; anything else is charged to it. Decided by the refusal's code alone: its reason is
-    for people, and rewording it must not change what Tamiyo does."""
+    for people, and rewording it must not change what the policy does."""
     if event.transient:
         _not_now(state, pending, event, config)
         return

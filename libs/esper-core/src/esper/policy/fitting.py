@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from esper.contracts import TelemetryReport
-from tamiyo.config import PolicyConfig
-from tamiyo.models import EpochLosses, JobState, Overfit
+from esper.policy.config import PolicyConfig
+from esper.policy.models import EpochLosses, JobState, Overfit
 
 
 @dataclass(frozen=True)
