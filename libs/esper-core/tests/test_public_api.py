@@ -37,6 +37,7 @@ PUBLIC_API = [
     "default_registry",
     "exceptions",
     "get_blueprint",
+    "session",
     "wrap",
 ]
 

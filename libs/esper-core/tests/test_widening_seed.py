@@ -283,6 +283,7 @@ def test_sampled_steps_report_each_layers_next_layer_and_growth_gain() -> None:
     assert report is not None
     stats = {s.layer: s for s in report.layers}
     assert (stats["0"].next_layer, stats["2"].next_layer, stats["4"].next_layer) == ("2", "4", None)
+    assert {s.kind for s in report.layers} == {"linear"}
     assert stats["0"].growth_gain == pytest.approx(expected, rel=1e-5)
     assert stats["2"].growth_gain is not None and stats["2"].growth_gain > 0
     assert stats["4"].growth_gain is None

@@ -100,8 +100,8 @@ def on_the_wire(message: Message) -> Message:
     return message
 
 
-V3_ONLY: dict[str, Any] = {"layers": {"__all__": {"next_layer", "growth_gain"}}}
-"""What a v3 report has that older ones lack: each layer's `next_layer` and `growth_gain`."""
+V3_ONLY: dict[str, Any] = {"layers": {"__all__": {"next_layer", "growth_gain", "kind"}}}
+"""What a v3 report has that older ones lack: each layer's `next_layer`, `kind`, `growth_gain`."""
 
 
 def as_v1(report: TelemetryReport) -> TelemetryReportV1:

@@ -112,3 +112,20 @@ def test_an_overfitting_model_is_not_widened_whatever_the_ratio() -> None:
         proposals += driver.feed(report("job-1", epoch, val, layers=narrow(3.0), train_loss=train))
     assert proposals == []
     assert "overfitting" in driver.state.note
+
+
+def test_a_v3_report_says_each_layers_kind_and_a_blueprint_for_it_may_be_chosen() -> None:
+    """A user blueprint serving linear and conv2d fits a layer the report says is linear; a
+    layer of unknown kind (a v1/v2 report) takes only blueprints serving every kind."""
+    from esper.policy import BlueprintInfo
+
+    mine = BlueprintInfo("mine", ("linear", "conv2d"))
+    driver = Driver(**FAST)
+    stats = [layer(n, grad=g).model_copy(update={"kind": "linear"}) for n, g in LAYERS]
+    driver.feed(report("job-1", 0, layers=stats))
+    assert driver.state.layers["0"].kind == "linear"
+    assert choose_blueprint(driver.state, "linear", [mine], driver.config) is not None
+    assert choose_blueprint(driver.state, None, [mine], driver.config) is None
+
+
+LAYERS = (("0", 0.9), ("2", 0.3), ("4", 5.0))

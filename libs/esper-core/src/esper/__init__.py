@@ -4,6 +4,9 @@ import esper
 morphable = esper.wrap(model, seeds_per_layer=4)
 await morphable.load_kernel("layer1", seed_idx=0, kernel_id="efficiency_kernel_v1")
 morphable.set_seed_alpha("layer1", seed_idx=0, alpha=0.7)
+
+or, growth decided for you in your own training loop: `with esper.session(model, optimizer,
+name=..., evaluate=...) as run:` (esper.sessions).
 """
 
 from typing import TYPE_CHECKING
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from esper.kernels import KernelArtifact, KernelCache, KernelExecutor, KernelSource
     from esper.morphable import MorphableModel, wrap
     from esper.registry import LocalKernelRegistry, default_registry
+    from esper.sessions import session
 
 __version__ = "0.1.0"
 
@@ -54,6 +58,7 @@ __all__ = [
     "default_registry",
     "exceptions",
     "get_blueprint",
+    "session",
     "wrap",
 ]
 
@@ -79,5 +84,6 @@ _WHERE = {
     "LocalKernelRegistry": "esper.registry",
     "default_registry": "esper.registry",
     "HostSignature": "esper.contracts.kernels",
+    "session": "esper.sessions",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _WHERE)

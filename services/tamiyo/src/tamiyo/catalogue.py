@@ -5,8 +5,8 @@ in the background when stale; a decision waits for Urza only when nothing was ev
 Urza cannot be reached and nothing is cached, the built-in blueprints
 (`esper.policy.builtin_catalogue`) stand in (Urza registers them at start-up, so they exist in
 every Urza), the decision's evidence says `catalogue: builtin` and a warning is logged. A
-kernel's host kind (telemetry does not carry a layer's kind) is asked once per kernel id and
-remembered.
+kernel's host kind (v1 and v2 telemetry do not carry a layer's kind) is asked once per kernel id
+and remembered.
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@ bookkeeping and the policy on the job's state, and publishes the decisions.
 
 Every message is handled in one `TamiyoStore.transact`: read the job's state, apply the message,
 ask the policy, write the state and XADD the decisions in one MULTI/EXEC. A decision's id is
-derived from the job and the id of the message that triggered it, so running the same handling
-again (after a compare-and-set conflict, say) yields the same decision, never a second one; and
-since the state written with it says the message was handled, a redelivered message decides
-nothing. Operators' decisions (`POST /jobs/{id}/decisions`) go through the same path.
+derived from the job and the id of the message that triggered it (esper.policy.decisions, the
+code the in-process LocalController uses too), so running the same handling again (after a
+compare-and-set conflict, say) yields the same decision, never a second one; and since the state
+written with it says the message was handled, a redelivered message decides nothing. Operators'
+decisions (`POST /jobs/{id}/decisions`) go through the same path.
 
 A decision-point report (`decision_point`: the job waits) gets exactly one `control.answer`,
 decisions or none, published in the same transaction; its decisions travel only in it, never
@@ -17,7 +18,6 @@ resumed from a checkpoint, a redelivery) gets the answer kept for it, and is not
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -36,12 +36,12 @@ from esper.contracts import (
     Message,
     SeedTransition,
     TelemetryReport,
-    clip,
 )
 from esper.contracts.jobs import HostKind
 from esper.policy import tracking
 from esper.policy.choice import BlueprintInfo
 from esper.policy.config import PolicyConfig
+from esper.policy.decisions import build_decision, derive_decision_id, point_trigger
 from esper.policy.models import JobState, Origin
 from esper.policy.policy import Context, Policy, Proposal
 from tamiyo import answers
@@ -60,12 +60,6 @@ from tamiyo.store import Change, TamiyoStore
 log = logging.getLogger("tamiyo.controller")
 GROUP = "tamiyo"
 SOURCE = "tamiyo"
-
-
-def derive_decision_id(job_id: str, trigger: str, index: int) -> str:
-    """The same (job, triggering message, position) always names the same decision."""
-    digest = hashlib.sha256(f"{job_id}\x00{trigger}\x00{index}".encode()).hexdigest()
-    return f"tmy-{digest[:24]}"
 
 
 class Metrics:
@@ -229,15 +223,16 @@ class Controller:
                 "measured there"
             )
         why = state.note or "the policy proposed nothing"
-        trigger = f"point:{report.point}"
+        trigger = point_trigger(report.point)
         proposals = proposals[: answers.MAX_DECISIONS]
         change = self._change(state, proposals, trigger, config, publish=False)
         state.note = answers.note(change.records, why)
         return change
 
     async def _kernel_kinds(self, report: TelemetryReport) -> dict[str, HostKind]:
-        """Host kinds of the report's kernels (telemetry does not say a layer's kind; Urza knows
-        each kernel's host). Asked outside the transaction: HTTP must not hold it open."""
+        """Host kinds of the report's kernels (v1 and v2 telemetry do not say a layer's kind;
+        Urza knows each kernel's host). Asked outside the transaction: HTTP must not hold it
+        open."""
         kinds: dict[str, HostKind] = {}
         for seed in report.seeds:
             if seed.kernel_id is not None and seed.kernel_id not in kinds:
@@ -388,24 +383,6 @@ class Controller:
                 ["body", "blueprint"],
             )
         return found
-
-
-def build_decision(job_id: str, decision_id: str, p: Proposal, trigger: str) -> ControlDecision:
-    evidence = {**p.evidence, "trigger": trigger}
-    return ControlDecision(
-        decision_id=decision_id,
-        job_id=job_id,
-        action=p.action,
-        layer=p.layer,
-        seed=p.seed,
-        blueprint=p.blueprint,
-        blend=p.blend,
-        strategy=p.strategy,
-        ramp_steps=p.ramp_steps,
-        alpha=p.alpha,
-        reason=clip(p.reason),
-        evidence={k: clip(v) if isinstance(v, str) else v for k, v in evidence.items()},
-    )
 
 
 def _manual_decision(job_id: str, body: ManualDecision) -> ControlDecision:

@@ -73,6 +73,11 @@ class LayerStats(_LayerFields):
         "activation only: a widening seed of this layer adds its hidden units between the two "
         "(None: this layer cannot be widened)",
     )
+    kind: Literal["linear", "conv2d", "conv1d"] | None = Field(
+        default=None,
+        description="the host layer's kind, which decides the blueprints that fit it (None: "
+        "not said, as in v1 and v2 reports)",
+    )
     growth_gain: NonNegative | None = Field(
         default=None,
         description="what new hidden units between this layer and `next_layer` could gain: "

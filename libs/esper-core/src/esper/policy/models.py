@@ -41,7 +41,9 @@ class LayerView(_State):
 
     order: int = Field(ge=0, description="position in the job's telemetry; the last is the output")
     kind: HostKind | None = Field(
-        default=None, description="linear or conv2d once known (telemetry does not say it)"
+        default=None,
+        description="linear, conv2d or conv1d: as v3 telemetry says it, else learnt from the "
+        "kernels of the layer's seeds",
     )
     activation_mean: float | None = None
     activation_variance: float | None = None

@@ -131,6 +131,7 @@ def _layers(state: JobState, report: TelemetryReport, config: PolicyConfig) -> N
         view = state.layers.get(stats.layer) or LayerView(order=order)
         view.order = order
         view.next_layer = stats.next_layer
+        view.kind = stats.kind or view.kind  # v1/v2 reports do not say: learnt from kernels
         view.activation_mean = stats.activation_mean
         view.activation_variance = stats.activation_variance
         view.dead_fraction = stats.dead_fraction

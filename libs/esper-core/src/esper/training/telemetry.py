@@ -258,6 +258,7 @@ class TelemetryReporter:
                     grad_norm=finite_or_none(grad_v),
                     # Set by esper.wrap where the next layer is fed through an activation only.
                     next_layer=getattr(self._layers[name], "next_layer", None),
+                    kind=self._layers[name].signature.kind,
                     growth_gain=_clamp(finite_or_none(read_gains.get(name)), 0.0, None),
                 )
             )
