@@ -97,6 +97,8 @@ def train(torch_seed: int) -> Outcome:
         controller="local",
         evaluate=accuracy,
         policy=POLICY,
+        # A widening seed's first weights from the gradients on a fixed batch.
+        loss_on_sample=lambda: loss_fn(model(x[:128]), y[:128]),
     ) as run:
         for _ in range(EPOCHS):
             order = torch.randperm(len(y))
@@ -157,6 +159,17 @@ def test_a_plain_loop_grows_its_own_conv1d_model_deterministically() -> None:
     assert run.should_stop is False
     with pytest.raises(ConfigError, match="closed"):
         run.step()
+
+    # Widening seeds started from the data: on a Linear layer along the error's directions, on a
+    # Conv1d layer (no data init for convs) with their compiled fan-in, and the reason says so.
+    widened = [d.taken.reason for d in run.decisions if d.decision.blueprint == "widen"]
+    assert widened and all("fan-in" in reason for reason in widened)
+    for d in run.decisions:
+        if d.decision.blueprint == "widen" and d.taken.outcome == "applied":
+            linear = isinstance(model.get_submodule(d.decision.layer), KasminaLayer) and (
+                model.get_submodule(d.decision.layer).signature.kind == "linear"
+            )
+            assert ("singular direction" in d.taken.reason) == linear, d.taken.reason
 
     second = train(torch_seed=7)
     assert second.decisions == first.decisions

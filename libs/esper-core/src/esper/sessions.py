@@ -49,6 +49,7 @@ from esper.morphable import MorphableModel, wrap
 from esper.policy import LocalController, PolicyConfig
 from esper.registry import LocalKernelRegistry
 from esper.training import LocalKernelProvider, SeedOrchestrator, TelemetryReporter
+from esper.training.widening import LossOnSample
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def session(
     decide_every_steps: int | None = None,
     telemetry_every_steps: int | None = 10,
     registry: LocalKernelRegistry | None = None,
+    loss_on_sample: LossOnSample | None = None,
 ) -> Run:
     """Wrap `model` in place, attach `optimizer`, and return the `Run` (a context manager).
 
@@ -94,7 +96,10 @@ def session(
     the heuristic policy (default: `PolicyConfig()`). `registry`: where blueprints are compiled
     into kernels (default: a fresh `LocalKernelRegistry()`). `telemetry_every_steps`: a step in
     this many is sampled for the layers' statistics (None: none, and the policy has no layer to
-    rank). Raises ConfigError for anything it cannot run with, before touching the model.
+    rank). `loss_on_sample()`: the loss on a fixed batch of training data, with its graph (the
+    same batch every call): a widening seed's first weights are then computed from its gradients
+    (esper.training.widening); without it they are the compiled ones. Raises ConfigError for
+    anything it cannot run with, before touching the model.
     """
     if controller not in CONTROLLERS:
         raise ConfigError(
@@ -111,6 +116,8 @@ def session(
         raise ConfigError("model must be the user's own nn.Module, not yet wrapped")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+    if loss_on_sample is not None and not callable(loss_on_sample):
+        raise ConfigError(f"loss_on_sample must be a callable or None, got {loss_on_sample!r}")
     if decide_every_steps is not None and (
         isinstance(decide_every_steps, bool) or decide_every_steps < 1
     ):
@@ -132,6 +139,7 @@ def session(
         config=policy if policy is not None else PolicyConfig(),
         telemetry_every_steps=telemetry_every_steps,
         registry=registry if registry is not None else LocalKernelRegistry(),
+        loss_on_sample=loss_on_sample,
     )
 
 
@@ -178,6 +186,7 @@ class Run:
         config: PolicyConfig,
         telemetry_every_steps: int | None,
         registry: LocalKernelRegistry,
+        loss_on_sample: LossOnSample | None = None,
     ) -> None:
         self.job_id = job_id
         self.evaluate = evaluate
@@ -196,7 +205,12 @@ class Run:
         self._clip_hook = optimizer.register_step_pre_hook(self._clip_seed_gradients)
         self._events: list[Message] = []
         self.orchestrator = SeedOrchestrator(
-            self.morphable, job_id, LocalKernelProvider(registry), spec, self._events.append
+            self.morphable,
+            job_id,
+            LocalKernelProvider(registry),
+            spec,
+            self._events.append,
+            loss_on_sample=loss_on_sample,
         )
         self.orchestrator.attach()
         self.reports: deque[TelemetryReport] = deque(maxlen=MAX_REPORTS)

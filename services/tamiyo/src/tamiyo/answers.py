@@ -6,43 +6,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from esper.contracts import ControlAnswer, ControlDecision, TelemetryReport, clip
+from esper.contracts import ControlAnswer, TelemetryReport, clip
+from esper.policy.decisions import answer_for, decisions_note
 from esper.policy.models import JobState
 from esper.policy.tracking import MAX_ANSWERS
 from tamiyo.models import DecisionRecord
-
-MAX_DECISIONS = 16
-"""What one ControlAnswer holds (`decisions` max_length); a policy proposing more at one point
-is cut here, the rest wait for the next point."""
 
 Result = Literal["decided", "nothing", "repeated", "forgotten"]
 """decided / nothing: answered from the report; repeated: the point was asked again and got the
 answer kept for it; forgotten: asked again, and no answer to it is kept any more."""
 
 
-def build(
-    report: TelemetryReport, decisions: Sequence[ControlDecision], note: str
-) -> ControlAnswer:
-    return ControlAnswer(
-        job_id=report.job_id,
-        epoch=report.epoch,
-        step=report.step,
-        kind=report.kind,
-        decisions=list(decisions),
-        note=clip(note),
-    )
-
-
 def note(records: Sequence[DecisionRecord], why: str) -> str:
     """The decisions in words, or why there are none (`why`: the policy's note)."""
-    if not records:
-        return f"nothing to do: {why}"
-    parts = []
-    for record in records:
-        d = record.decision
-        seed = "any free seed" if d.seed is None else f"seed {d.seed}"
-        parts.append(f"{d.action} ({seed} of layer {d.layer!r}): {d.reason}")
-    return "; ".join(parts)
+    return decisions_note([record.decision for record in records], why)
 
 
 def with_age(answer: ControlAnswer, age_s: float, max_age_s: float) -> ControlAnswer:
@@ -59,7 +36,7 @@ def forgotten(state: JobState, report: TelemetryReport) -> ControlAnswer:
     where = f"epoch {state.last_epoch}" + (
         f", step {state.last_step}" if state.last_step is not None else ""
     )
-    return build(
+    return answer_for(
         report,
         [],
         f"nothing to do: point {report.point} is not after the last report handled ({where}) "

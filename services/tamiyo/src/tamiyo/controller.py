@@ -41,7 +41,13 @@ from esper.contracts.jobs import HostKind
 from esper.policy import tracking
 from esper.policy.choice import BlueprintInfo
 from esper.policy.config import PolicyConfig
-from esper.policy.decisions import build_decision, derive_decision_id, point_trigger
+from esper.policy.decisions import (
+    MAX_DECISIONS,
+    answer_for,
+    build_decision,
+    derive_decision_id,
+    point_trigger,
+)
 from esper.policy.models import JobState, Origin
 from esper.policy.policy import Context, Policy, Proposal
 from tamiyo import answers
@@ -187,7 +193,7 @@ class Controller:
             else:
                 context = Context(config, catalogue, source)
                 change = self._decide_point(state, report, config, context, kinds)
-                answer = answers.build(report, [r.decision for r in change.records], state.note)
+                answer = answer_for(report, [r.decision for r in change.records], state.note)
                 answer = answers.with_age(answer, age, self.max_report_age_s)
                 tracking.keep_answer(state, answer)
                 outcome = "decided" if answer.decisions else "nothing"
@@ -224,7 +230,7 @@ class Controller:
             )
         why = state.note or "the policy proposed nothing"
         trigger = point_trigger(report.point)
-        proposals = proposals[: answers.MAX_DECISIONS]
+        proposals = proposals[:MAX_DECISIONS]
         change = self._change(state, proposals, trigger, config, publish=False)
         state.note = answers.note(change.records, why)
         return change

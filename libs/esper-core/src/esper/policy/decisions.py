@@ -7,8 +7,9 @@ at the same decision point gives the same decisions with the same ids, in both p
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
-from esper.contracts import ControlDecision, clip
+from esper.contracts import ControlAnswer, ControlDecision, TelemetryReport, clip
 from esper.policy.policy import Proposal
 
 MAX_DECISIONS = 16
@@ -43,4 +44,30 @@ def build_decision(job_id: str, decision_id: str, p: Proposal, trigger: str) -> 
         alpha=p.alpha,
         reason=clip(p.reason),
         evidence={k: clip(v) if isinstance(v, str) else v for k, v in evidence.items()},
+    )
+
+
+def decisions_note(decisions: Sequence[ControlDecision], why: str) -> str:
+    """The decisions in words, or why there are none (`why`: the policy's note): an answer's
+    note is never empty, so a job that gets no decisions knows why."""
+    if not decisions:
+        return f"nothing to do: {why}"
+    parts = []
+    for d in decisions:
+        seed = "any free seed" if d.seed is None else f"seed {d.seed}"
+        parts.append(f"{d.action} ({seed} of layer {d.layer!r}): {d.reason}")
+    return "; ".join(parts)
+
+
+def answer_for(
+    report: TelemetryReport, decisions: Sequence[ControlDecision], note: str
+) -> ControlAnswer:
+    """The `control.answer` to decision point `report`."""
+    return ControlAnswer(
+        job_id=report.job_id,
+        epoch=report.epoch,
+        step=report.step,
+        kind=report.kind,
+        decisions=list(decisions),
+        note=clip(note),
     )

@@ -24,11 +24,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from esper.contracts import (
-    ControlAnswer,
     ControlDecision,
     Message,
     TelemetryReport,
-    clip,
 )
 from esper.contracts.jobs import HostKind
 from esper.exceptions import ConfigError
@@ -36,7 +34,14 @@ from esper.policy import tracking
 from esper.policy.catalogue import builtin_catalogue
 from esper.policy.choice import BlueprintInfo
 from esper.policy.config import PolicyConfig
-from esper.policy.decisions import MAX_DECISIONS, build_decision, derive_decision_id, point_trigger
+from esper.policy.decisions import (
+    MAX_DECISIONS,
+    answer_for,
+    build_decision,
+    decisions_note,
+    derive_decision_id,
+    point_trigger,
+)
 from esper.policy.models import JobState
 from esper.policy.policy import Context, HeuristicPolicy, Policy, Proposal
 
@@ -123,8 +128,8 @@ class LocalController:
         ]
         for decision in decisions:
             tracking.register_decision(state, decision, "tamiyo", config)
-        state.note = _note(decisions, why)
-        tracking.keep_answer(state, _answer(report, decisions, state.note))
+        state.note = decisions_note(decisions, why)
+        tracking.keep_answer(state, answer_for(report, decisions, state.note))
         return decisions
 
     def _kinds(self, report: TelemetryReport) -> dict[str, HostKind]:
@@ -137,26 +142,3 @@ class LocalController:
                 if kind is not None:
                     kinds[seed.kernel_id] = kind
         return kinds
-
-
-def _note(decisions: Sequence[ControlDecision], why: str) -> str:
-    if not decisions:
-        return f"nothing to do: {why}"
-    parts = []
-    for d in decisions:
-        seed = "any free seed" if d.seed is None else f"seed {d.seed}"
-        parts.append(f"{d.action} ({seed} of layer {d.layer!r}): {d.reason}")
-    return "; ".join(parts)
-
-
-def _answer(
-    report: TelemetryReport, decisions: Sequence[ControlDecision], note: str
-) -> ControlAnswer:
-    return ControlAnswer(
-        job_id=report.job_id,
-        epoch=report.epoch,
-        step=report.step,
-        kind=report.kind,
-        decisions=list(decisions),
-        note=clip(note),
-    )

@@ -58,7 +58,7 @@ def init_from_gradients(kl: KasminaLayer, seed: int, loss_on_sample: LossOnSampl
     _place_units(weight, bias, directions, inputs, scale)
     top = ", ".join(f"{s:.3g}" for s in strengths[: min(3, len(strengths))])
     return (
-        f"fan-in along the top {directions.shape[0]} singular direction(s) of E[∂L/∂y·xᵀ] "
+        f"fan-in along the top {directions.shape[0]} singular direction(s) of Σ ∂L/∂y·xᵀ "
         f"(σ = {top}), fan-out zero"
     )
 
@@ -105,8 +105,9 @@ def _sample(
 
 
 def _error_directions(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-    """The right singular vectors of M = E[g xᵀ] with a non-negligible singular value."""
-    m = g.T @ x / x.shape[0]
+    """The right singular vectors of M = Σ g xᵀ with a non-negligible singular value (the loss
+    is a batch mean: each g carries its 1/N, so M is on the scale of a weight gradient)."""
+    m = g.T @ x
     _, s, vh = torch.linalg.svd(m, full_matrices=False)
     if s.numel() == 0 or float(s[0]) == 0.0:
         return vh[:0], []
