@@ -158,7 +158,7 @@ class KasminaLayer(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self._running_lerp or self._running_add or self._running_wide or self._fed):
+        if not self._busy:
             return self.base_layer(x)  # dormant fast path: no extra op, no sync
         host = self.base_layer(x)
         if self._running_wide:
@@ -623,8 +623,12 @@ class KasminaLayer(nn.Module):
     def _route(self) -> None:
         """Point this instance's `forward` at the host's while the bypass applies (see the module
         docstring); otherwise the class's forward, with its blend, runs."""
-        busy = self._running_lerp or self._running_add or self._running_wide or self._fed
-        if self._dormant_bypass and not busy:
+        # Derived here, where every change of the running sets or of `_fed` passes, so that
+        # forward tests one flag per call instead of four.
+        self._busy = bool(
+            self._running_lerp or self._running_add or self._running_wide or self._fed
+        )
+        if self._dormant_bypass and not self._busy:
             self.__dict__["forward"] = self.base_layer.forward
         else:
             self.__dict__.pop("forward", None)
