@@ -87,6 +87,7 @@ def session(
     telemetry_every_steps: int | None = 10,
     registry: LocalKernelRegistry | None = None,
     loss_on_sample: LossOnSample | None = None,
+    clip_seed_gradients: bool = True,
 ) -> Run:
     """Wrap `model` in place, attach `optimizer`, and return the `Run` (a context manager).
 
@@ -98,8 +99,11 @@ def session(
     this many is sampled for the layers' statistics (None: none, and the policy has no layer to
     rank). `loss_on_sample()`: the loss on a fixed batch of training data, with its graph (the
     same batch every call): a widening seed's first weights are then computed from its gradients
-    (esper.training.widening); without it they are the compiled ones. Raises ConfigError for
-    anything it cannot run with, before touching the model.
+    (esper.training.widening); without it they are the compiled ones. `clip_seed_gradients`:
+    clip each seed's gradients in an optimizer step pre-hook; turn it off where the optimizer
+    computes the gradients inside its step (a closure, as Lightning does) and call
+    `run.clip_seed_gradients()` after backward instead. Raises ConfigError for anything it
+    cannot run with, before touching the model.
     """
     if controller not in CONTROLLERS:
         raise ConfigError(
@@ -140,6 +144,7 @@ def session(
         telemetry_every_steps=telemetry_every_steps,
         registry=registry if registry is not None else LocalKernelRegistry(),
         loss_on_sample=loss_on_sample,
+        clip_seed_gradients=clip_seed_gradients,
     )
 
 
@@ -187,6 +192,7 @@ class Run:
         telemetry_every_steps: int | None,
         registry: LocalKernelRegistry,
         loss_on_sample: LossOnSample | None = None,
+        clip_seed_gradients: bool = True,
     ) -> None:
         self.job_id = job_id
         self.evaluate = evaluate
@@ -202,7 +208,11 @@ class Run:
         self.morphable.attach_optimizer(optimizer, max_grad_norm=SEED_MAX_GRAD_NORM)
         # Seeds' gradients are clipped in their own groups between backward and the step: the
         # user's loop calls neither, so the optimizer does it for them.
-        self._clip_hook = optimizer.register_step_pre_hook(self._clip_seed_gradients)
+        self._clip_hook = (
+            optimizer.register_step_pre_hook(self._clip_before_step)
+            if clip_seed_gradients
+            else None
+        )
         self._events: list[Message] = []
         self.orchestrator = SeedOrchestrator(
             self.morphable,
@@ -245,7 +255,8 @@ class Run:
         self._closed = True
         self.reporter.cancel_step()
         self.orchestrator.detach()
-        self._clip_hook.remove()
+        if self._clip_hook is not None:
+            self._clip_hook.remove()
 
     @property
     def should_stop(self) -> bool:
@@ -262,14 +273,30 @@ class Run:
     def training_step(self) -> Iterator[None]:
         """Around one step's forward and backward: on a sampled step the layers' statistics are
         collected (and read, with the gradients, in `run.step`)."""
-        self._check_open()
-        self.orchestrator.on_step(self.global_step)
-        self.reporter.begin_step(self.global_step)
+        self.begin_step()
         try:
             yield
         except BaseException:
-            self.reporter.cancel_step()
+            self.cancel_step()
             raise
+
+    def begin_step(self) -> None:
+        """Before a step's forward (what `training_step` does on entry), for loops whose
+        forward and backward are not in one block of the user's code (callbacks)."""
+        self._check_open()
+        self.orchestrator.on_step(self.global_step)
+        self.reporter.begin_step(self.global_step)
+
+    def cancel_step(self) -> None:
+        """A step begun and abandoned (an exception, a skipped batch): nothing of it is
+        reported."""
+        self.reporter.cancel_step()
+
+    def clip_seed_gradients(self) -> None:
+        """Clip each seed's gradients to SEED_MAX_GRAD_NORM in its own group: after backward,
+        before the optimizer's update (done for you unless `clip_seed_gradients=False`)."""
+        if not self.morphable.all_dormant:
+            self.morphable.clip_seed_gradients()
 
     def step(self, loss: torch.Tensor | float | None = None) -> None:
         """After each optimizer step: advance the seeds' α ramps, report a sampled step (with
@@ -349,9 +376,8 @@ class Run:
         except UnknownKernelError:
             return None
 
-    def _clip_seed_gradients(self, *_: Any) -> None:
-        if not self.morphable.all_dormant:
-            self.morphable.clip_seed_gradients()
+    def _clip_before_step(self, *_: Any) -> None:
+        self.clip_seed_gradients()
 
     def _check_open(self) -> None:
         if self._closed:
