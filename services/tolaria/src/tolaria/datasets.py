@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from esper.contracts.jobs import DatasetSpec, Split, SyntheticData
+from esper.contracts.jobs import DatasetSpec, ExternalData, FileData, Split, SyntheticData
 from tolaria.dataformats import read_files
 from tolaria.dataheaders import read_geometry
 from tolaria.errors import Location, SpecError
@@ -52,6 +52,7 @@ def load_dataset(spec: DatasetSpec, data_dir: Path) -> DataSplits:
             f"(seed {spec.seed})"
         )
     else:
+        spec = _files(spec)
         raw = read_files(spec, data_dir)
         x, y, source = raw.x, raw.y, raw.source
         classes = _classes_of(int(y.max()), source)
@@ -88,10 +89,17 @@ def dataset_geometry(spec: DatasetSpec, data_dir: Path) -> tuple[tuple[int, ...]
     if isinstance(spec, SyntheticData):
         check_synthetic(spec)
         return (spec.features,), spec.classes, spec.samples
+    spec = _files(spec)
     geometry = read_geometry(spec, data_dir)
     classes = _classes_of(geometry.top_label, geometry.source)
     split_sizes(geometry.samples, spec.split)
     return geometry.shape, classes, geometry.samples
+
+
+def _files(spec: FileData | ExternalData) -> FileData:
+    if isinstance(spec, ExternalData):
+        raise SpecError(_DATASET, "an external run's data is in the user's process, not here")
+    return spec
 
 
 def _classes_of(top_label: int, source: str) -> int:

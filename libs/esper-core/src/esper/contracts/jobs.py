@@ -127,7 +127,18 @@ class LayersModel(_Spec):
     layers: list[LayerDef] = Field(min_length=1, max_length=128)
 
 
-ModelSpec = Annotated[MLPModel | CNNModel | ResNetModel | LayersModel, Field(discriminator="kind")]
+class ExternalModel(_Spec):
+    """A model trained in the user's own process (`esper.session(..., controller="stack")`):
+    Tolaria registers the run and relays its reports, decisions and stop requests; it builds and
+    trains nothing. Goes with an `external` dataset."""
+
+    kind: Literal["external"] = "external"
+    description: Text | None = None
+
+
+ModelSpec = Annotated[
+    MLPModel | CNNModel | ResNetModel | LayersModel | ExternalModel, Field(discriminator="kind")
+]
 
 
 # ---------------------------------------------------------------- datasets
@@ -210,7 +221,14 @@ class FileData(_Spec):
     split: Split = Field(default_factory=Split)
 
 
-DatasetSpec = Annotated[SyntheticData | FileData, Field(discriminator="kind")]
+class ExternalData(_Spec):
+    """The data of an `external` model's run: the user's process has it."""
+
+    kind: Literal["external"] = "external"
+    description: Text | None = None
+
+
+DatasetSpec = Annotated[SyntheticData | FileData | ExternalData, Field(discriminator="kind")]
 
 
 # ---------------------------------------------------------------- training
@@ -318,6 +336,20 @@ class JobSpec(_Spec):
     dataset: DatasetSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     morphogenesis: MorphogenesisSpec = Field(default_factory=MorphogenesisSpec)
+
+    @model_validator(mode="after")
+    def _external_together(self) -> JobSpec:
+        if (self.model.kind == "external") != (self.dataset.kind == "external"):
+            raise ValueError(
+                "an external run has both model and dataset of kind `external` (the user's "
+                "process trains it); a Tolaria job has neither"
+            )
+        return self
+
+    @property
+    def external(self) -> bool:
+        """Trained in the user's own process (`esper.session`), not by a Tolaria worker."""
+        return self.model.kind == "external"
 
     @classmethod
     def from_yaml(cls, text: str) -> JobSpec:
