@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import esper
-from esper.exceptions import ConfigError
+from esper.client import ServiceUrls
+from esper.exceptions import ConfigError, ServiceUnreachableError
 from esper.kasmina import KasminaLayer
 from esper.policy import PolicyConfig, derive_decision_id
 from esper.sessions import Run
@@ -176,11 +177,20 @@ def test_a_plain_loop_grows_its_own_conv1d_model_deterministically() -> None:
     assert second.accuracy == first.accuracy
 
 
-def test_the_stack_controller_is_refused_until_it_is_built() -> None:
+def test_the_stack_controller_refuses_local_options_and_an_unreachable_stack() -> None:
     model = classifier()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ConfigError, match=r"stack controller .* not built yet"):
-        esper.session(model, optimizer, name="r", controller="stack", evaluate=lambda: 0.0)
+    with pytest.raises(ConfigError, match="Tamiyo's policy decides"):
+        esper.session(
+            model, optimizer, name="r", controller="stack", evaluate=lambda: 0.0, policy=POLICY
+        )
+    with pytest.raises(ConfigError, match=r"'local' .* or 'stack'"):
+        esper.session(model, optimizer, name="r", controller="tamiyo", evaluate=lambda: 0.0)
+    nowhere = ServiceUrls(*["http://127.0.0.1:9"] * 4)  # the discard port: nothing listens
+    with pytest.raises(ServiceUnreachableError, match="tolaria"):
+        esper.session(
+            model, optimizer, name="r", controller="stack", evaluate=lambda: 0.0, urls=nowhere
+        )
     assert not any(isinstance(m, KasminaLayer) for m in model.modules())  # left untouched
 
 

@@ -21,6 +21,13 @@ nowhere else, so the same data, model and torch seed give the same decisions at 
 `controller="local"`: the heuristic policy in this process (esper.policy.LocalController, the
 code Tamiyo hosts), kernels compiled here into a LocalKernelRegistry. No Redis, no service.
 
+`controller="stack"`: the run is a job of the stack (esper.client.runs.StackController): Tolaria
+lists it (kind `external`), relays its reports to Tamiyo and Nissa and Tamiyo's answers back;
+a stop asked through the API reaches the loop as `run.should_stop`; leaving the `with` block
+ends the job (SUCCEEDED, STOPPED when asked to stop or interrupted, FAILED on an exception).
+Kernels come from Urza. The services are found at `ESPER_<SERVICE>_URL` (or `urls`), with
+`ESPER_API_TOKEN` (or `token`).
+
 This module is `sessions` (not `session`): `esper.session`, the function, would otherwise be
 shadowed by the submodule as soon as anything imported it.
 """
@@ -29,31 +36,35 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
 from esper._sync import run_sync
+from esper.client.calls import ServiceUrls
+from esper.client.runs import StackController, UrzaProvider
 from esper.contracts import ControlDecision, DecisionTaken, Message, TelemetryReport
 from esper.contracts.jobs import HostKind, MorphogenesisSpec, SeedView
 from esper.contracts.vocabulary import Identifier
 from esper.exceptions import ConfigError, UnknownKernelError
-from esper.kernels import KernelCache
+from esper.kernels import KernelCache, tiered_cache
 from esper.morphable import MorphableModel, wrap
 from esper.policy import LocalController, PolicyConfig
 from esper.registry import LocalKernelRegistry
 from esper.training import LocalKernelProvider, SeedOrchestrator, TelemetryReporter
+from esper.training.providers import KernelProvider
 from esper.training.widening import LossOnSample
 
 log = logging.getLogger(__name__)
 
-CONTROLLERS = ("local",)
+CONTROLLERS = ("local", "stack")
 MAX_REPORTS = 1000
 """Reports a Run keeps (`Run.reports`), newest last: a step report every few steps of a long
 run must not grow without bound."""
@@ -88,6 +99,9 @@ def session(
     registry: LocalKernelRegistry | None = None,
     loss_on_sample: LossOnSample | None = None,
     clip_seed_gradients: bool = True,
+    epochs: int | None = None,
+    urls: ServiceUrls | None = None,
+    token: str | None = None,
 ) -> Run:
     """Wrap `model` in place, attach `optimizer`, and return the `Run` (a context manager).
 
@@ -102,14 +116,21 @@ def session(
     (esper.training.widening); without it they are the compiled ones. `clip_seed_gradients`:
     clip each seed's gradients in an optimizer step pre-hook; turn it off where the optimizer
     computes the gradients inside its step (a closure, as Lightning does) and call
-    `run.clip_seed_gradients()` after backward instead. Raises ConfigError for anything it
-    cannot run with, before touching the model.
+    `run.clip_seed_gradients()` after backward instead. `epochs`: how many the loop will run
+    (the stack shows progress against it). `urls`, `token`: the stack's, for
+    `controller="stack"`. Raises ConfigError for anything it cannot run with, before touching
+    the model; with the stack, a ServiceError when Tolaria refuses the run or cannot be
+    reached.
     """
     if controller not in CONTROLLERS:
         raise ConfigError(
-            f"controller={controller!r}: only controller='local' (the heuristic policy in this "
-            "process) is built; the stack controller (Tolaria and Tamiyo) is not built yet "
-            "(issue #16, item 1)"
+            f"controller={controller!r}: 'local' (the heuristic policy in this process) or "
+            "'stack' (Tamiyo, through Tolaria)"
+        )
+    if controller == "stack" and (policy is not None or registry is not None):
+        raise ConfigError(
+            "with controller='stack', Tamiyo's policy decides and Urza compiles: `policy` and "
+            "`registry` are for controller='local'"
         )
     if not callable(evaluate):
         raise ConfigError(
@@ -132,20 +153,83 @@ def session(
         raise ConfigError(
             f"telemetry_every_steps must be ≥ 1 or None, got {telemetry_every_steps!r}"
         )
+    if epochs is not None and (isinstance(epochs, bool) or not 1 <= epochs <= 100_000):
+        raise ConfigError(f"epochs must be 1-100000 or None, got {epochs!r}")
     job_id = _job_id(name)
     spec = _spec(seeds_per_layer, max_seeds, decide_every_steps)
+    if controller == "stack":
+        return _stack_run(
+            model,
+            optimizer,
+            name=job_id,
+            spec=spec,
+            epochs=epochs,
+            urls=urls,
+            token=token,
+            evaluate=evaluate,
+            telemetry_every_steps=telemetry_every_steps,
+            loss_on_sample=loss_on_sample,
+            clip_seed_gradients=clip_seed_gradients,
+        )
+    registry = registry if registry is not None else LocalKernelRegistry()
+    local = LocalController(
+        job_id,
+        policy if policy is not None else PolicyConfig(),
+        kernel_kind=_kind_in(registry),
+    )
     return Run(
         model,
         optimizer,
         job_id=job_id,
         evaluate=evaluate,
         spec=spec,
-        config=policy if policy is not None else PolicyConfig(),
+        controller=local,
+        provider=LocalKernelProvider(registry),
+        kernels=KernelCache([registry]),
         telemetry_every_steps=telemetry_every_steps,
-        registry=registry if registry is not None else LocalKernelRegistry(),
         loss_on_sample=loss_on_sample,
         clip_seed_gradients=clip_seed_gradients,
     )
+
+
+def _stack_run(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    name: str,
+    spec: MorphogenesisSpec,
+    epochs: int | None,
+    urls: ServiceUrls | None,
+    token: str | None,
+    **options: Any,
+) -> Run:
+    urls = urls or ServiceUrls.from_env()
+    token = token if token is not None else os.environ.get("ESPER_API_TOKEN")
+    link = StackController(name=name, spec=spec, epochs=epochs, urls=urls, token=token)
+    try:
+        return Run(
+            model,
+            optimizer,
+            job_id=link.job_id,
+            spec=spec,
+            controller=link,
+            provider=UrzaProvider(urls.urza, token),
+            kernels=tiered_cache(urza_url=urls.urza, urza_token=token),
+            **options,
+        )
+    except BaseException as err:  # registered, but the run never started: its job ends here
+        link.end("FAILED", f"{type(err).__name__}: {err}", None, 0)
+        raise
+
+
+def _kind_in(registry: LocalKernelRegistry) -> Callable[[str], HostKind | None]:
+    def kind(kernel_id: str) -> HostKind | None:
+        try:
+            return registry.lookup(kernel_id).host.kind
+        except UnknownKernelError:
+            return None
+
+    return kind
 
 
 def _job_id(name: str) -> str:
@@ -173,6 +257,16 @@ def _spec(
         raise ConfigError(f"{field}: {first['msg']}") from None
 
 
+class Controller(Protocol):
+    """Who answers a Run's reports: esper.policy.LocalController, or the stack
+    (esper.client.runs.StackController)."""
+
+    @property
+    def note(self) -> str: ...
+
+    def answer(self, report: TelemetryReport, events: list[Message]) -> list[ControlDecision]: ...
+
+
 class Run:
     """A user's training run with Esper's growth; made by `esper.session`.
 
@@ -188,21 +282,18 @@ class Run:
         job_id: str,
         evaluate: Callable[[], float],
         spec: MorphogenesisSpec,
-        config: PolicyConfig,
+        controller: Controller,
+        provider: KernelProvider,
+        kernels: KernelCache,
         telemetry_every_steps: int | None,
-        registry: LocalKernelRegistry,
         loss_on_sample: LossOnSample | None = None,
         clip_seed_gradients: bool = True,
     ) -> None:
         self.job_id = job_id
         self.evaluate = evaluate
         self.spec = spec
-        self.registry = registry
-        # Checked before the model is touched: a bad value must not leave it half wrapped.
-        self.controller = LocalController(job_id, config, kernel_kind=self._kernel_kind)
-        self.morphable: MorphableModel = wrap(
-            model, spec.seeds_per_layer, kernels=KernelCache([registry])
-        )
+        self.controller = controller
+        self.morphable: MorphableModel = wrap(model, spec.seeds_per_layer, kernels=kernels)
         self.model = model
         self.optimizer = optimizer
         self.morphable.attach_optimizer(optimizer, max_grad_norm=SEED_MAX_GRAD_NORM)
@@ -217,7 +308,7 @@ class Run:
         self.orchestrator = SeedOrchestrator(
             self.morphable,
             job_id,
-            LocalKernelProvider(registry),
+            provider,
             spec,
             self._events.append,
             loss_on_sample=loss_on_sample,
@@ -235,6 +326,8 @@ class Run:
         """Optimizer steps so far (`run.step` calls)."""
         self._unreported: list[DecisionTaken] = []
         self._closed = False
+        if isinstance(controller, StackController):
+            controller.seeds = self.seeds
 
     # ------------------------------------------------------------ context
     def __enter__(self) -> Run:
@@ -246,10 +339,17 @@ class Run:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+        elif isinstance(exc, KeyboardInterrupt):
+            self.close("STOPPED", "interrupted")
+        else:
+            self.close("FAILED", f"{type(exc).__name__}: {exc}")
 
-    def close(self) -> None:
-        """Stop reporting and deciding. The model keeps its seeds: it is the grown model."""
+    def close(self, status: str | None = None, error: str | None = None) -> None:
+        """Stop reporting and deciding; with the stack, end the run's job as `status` says
+        (default: STOPPED if a stop was asked, else SUCCEEDED). The model keeps its seeds: it
+        is the grown model."""
         if self._closed:
             return
         self._closed = True
@@ -257,12 +357,17 @@ class Run:
         self.orchestrator.detach()
         if self._clip_hook is not None:
             self._clip_hook.remove()
+        if isinstance(self.controller, StackController):
+            if status is None:
+                status = "STOPPED" if self.should_stop else "SUCCEEDED"
+                error = "stopped on request" if self.should_stop else None
+            self.controller.end(status, error, None, self.global_step)
 
     @property
     def should_stop(self) -> bool:
-        """Whether the run was asked to stop: never with the local controller (a stack's
-        controller will pass a stop requested through its API)."""
-        return False
+        """Whether a stop was asked through the stack's API (seen at the latest report); never
+        with the local controller."""
+        return bool(getattr(self.controller, "stop_requested", False))
 
     def seeds(self) -> list[SeedView]:
         """Every seed out of DORMANT: its layer, slot, state, α, blueprint, contribution."""
@@ -369,12 +474,6 @@ class Run:
     def _take_answers(self) -> list[DecisionTaken]:
         answers, self._unreported = self._unreported, []
         return answers
-
-    def _kernel_kind(self, kernel_id: str) -> HostKind | None:
-        try:
-            return self.registry.lookup(kernel_id).host.kind
-        except UnknownKernelError:
-            return None
 
     def _clip_before_step(self, *_: Any) -> None:
         self.clip_seed_gradients()

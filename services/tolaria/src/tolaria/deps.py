@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from esper.service import settings_dependency
+from tolaria.external import RunRelay
 from tolaria.jobstore import JobStore
 from tolaria.settings import TolariaSettings
 
@@ -20,3 +21,10 @@ def get_store(request: Request) -> JobStore:
 
 SettingsDep = Annotated[TolariaSettings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
+
+
+def get_relay(request: Request, store: StoreDep, settings: SettingsDep) -> RunRelay:
+    return RunRelay(store, request.app.state.producer, settings)
+
+
+RelayDep = Annotated[RunRelay, Depends(get_relay)]

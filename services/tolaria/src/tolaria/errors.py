@@ -37,3 +37,13 @@ class SpecError(ConfigError):
         # Jobs are checked in worker processes too; the default reduce would call __init__ with
         # the formatted string as the only argument.
         return (type(self), (self.location, self.message))
+
+
+class RunReportError(ConfigError):
+    """An external run's report that cannot be taken (another job's, an event the run may not
+    send): 422, with `location` in the request body."""
+
+    def __init__(self, location: Sequence[str | int], message: str) -> None:
+        self.location: Location = list(location)
+        self.message = message
+        super().__init__(f"{format_location(self.location)}: {message}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +14,8 @@ from esper.contracts.api import Check
 from esper.service import create_app as create_service_app
 from tolaria import __version__
 from tolaria.api.errors import ERRORS
-from tolaria.api.routes import jobs
+from tolaria.api.routes import jobs, runs
+from tolaria.external import RunRelay, sweep_forever
 from tolaria.jobstore import JobStore
 from tolaria.settings import TolariaSettings
 from tolaria.worker import Worker
@@ -39,10 +41,13 @@ def create_app(settings: TolariaSettings | None = None) -> FastAPI:
         app.state.workers = workers
         for worker in workers:
             worker.start()
+        relay = RunRelay(store, app.state.producer, settings)
+        sweeper = asyncio.ensure_future(sweep_forever(relay, settings.external_sweep_s))
         log.info("tolaria: %d workers, data in %s", len(workers), settings.data_dir)
         try:
             yield
         finally:
+            sweeper.cancel()
             for worker in workers:
                 await worker.stop()
             await redis.aclose()
@@ -55,7 +60,7 @@ def create_app(settings: TolariaSettings | None = None) -> FastAPI:
         service=SERVICE,
         version=__version__,
         settings=settings,
-        routers=[jobs.router],
+        routers=[jobs.router, runs.router],
         lifespan=lifespan,
         readiness={"workers": workers_alive},
         errors=ERRORS,

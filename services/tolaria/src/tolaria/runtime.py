@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from esper.bus import FIELD, BusSettings, Consumer, Delivery, Producer, connect
+from esper.bus import BusSettings, Consumer, Delivery, Producer, connect
 from esper.bus.connection import Backoff
 from esper.contracts import (
     ControlAnswer,
@@ -42,6 +42,7 @@ from esper.contracts import (
 )
 from esper.exceptions import BusError
 from esper.service.loops import Step, run_every
+from tolaria.controllers import controller_beating
 from tolaria.jobstore import LOG_BATCH, OUTAGES, JobStore, retrying
 from tolaria.settings import TolariaSettings
 
@@ -50,13 +51,6 @@ T = TypeVar("T")
 SOURCE = "tolaria"
 JOB_SERVICE = "tolaria-job"
 HEARTBEAT_S = 5.0
-CONTROLLER = "tamiyo"
-"""The service whose heartbeat says a controller is there to answer decision points."""
-HEALTH_PAGE = 200
-"""Heartbeats read at a time, newest first, when looking for the controller's."""
-HEALTH_WINDOW_S = 60.0
-"""How far back the controller's beat is looked for: every job beats on the same topic, so the
-look is bounded by time, not by a count a busy stack would outgrow."""
 TELEMETRY_FLUSH_S = 0.05
 LOG_SHIP_S = 0.5
 
@@ -268,29 +262,8 @@ class JobRuntime:
         decision point waits only when someone is there to answer it. Redis away reads as no
         controller (the report could not reach one either)."""
 
-        async def look() -> bool:
-            stream = self.bus.stream("health")
-            now = time.time()
-            oldest = f"{int((now - HEALTH_WINDOW_S) * 1000)}-0"
-            newest: str | bytes = "+"
-            while True:
-                entries = await self.redis.xrevrange(
-                    stream, max=newest, min=oldest, count=HEALTH_PAGE
-                )
-                for _, fields in entries or []:
-                    beat = _controller_beat(fields)
-                    if beat is not None:  # its latest beat decides
-                        envelope, heartbeat = beat
-                        return heartbeat.status != "down" and (
-                            now - envelope.ts <= 3 * heartbeat.interval_s
-                        )
-                if not entries or len(entries) < HEALTH_PAGE:
-                    return False
-                last_id = entries[-1][0]
-                newest = b"(" + last_id if isinstance(last_id, bytes) else f"({last_id}"
-
         try:
-            return self.call(look(), timeout=10)
+            return self.call(controller_beating(self.redis, self.bus), timeout=10)
         except Exception as err:
             log.warning("controller heartbeat not read: %s", err)
             return False
@@ -455,18 +428,6 @@ class JobRuntime:
         with self._answered:
             self._answers[answer.point] = answer
             self._answered.notify_all()
-
-
-def _controller_beat(fields: Any) -> tuple[Envelope, Heartbeat] | None:
-    """The controller's heartbeat in a health-stream entry, if it is one."""
-    try:
-        envelope = Envelope.decode((fields or {})[FIELD])
-        beat = envelope.message()
-    except Exception:  # not ours to judge here: the health topic's consumers report it
-        return None
-    if isinstance(beat, Heartbeat) and beat.service == CONTROLLER:
-        return envelope, beat
-    return None
 
 
 def _log_failure(future: concurrent.futures.Future[Any]) -> None:

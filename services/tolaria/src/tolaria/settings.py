@@ -39,3 +39,8 @@ class TolariaSettings(ServiceSettings, UrzaLinkSettings):
     max_spec_bytes: int = Field(default=256 << 10, ge=4096)
     """Largest `POST /jobs` body: a job spec is a few KiB; a bigger body is refused with 413
     before it is read, so no parse of a huge document ever starts."""
+    external_idle_s: float = Field(default=900.0, gt=0)
+    """An external run (`esper.session(..., controller="stack")`) that sends no report this
+    long is taken for dead: its job ends FAILED. Each report renews the lease."""
+    external_sweep_s: float = Field(default=30.0, gt=0)
+    """How often the runs' leases are looked at."""

@@ -196,12 +196,24 @@ def up(
             help="Tolaria's data directory (file data sets); default: <root>/data",
         ),
     ] = None,
+    short_jobs: Annotated[
+        bool,
+        typer.Option(
+            help="Tamiyo with the windows of jobs of 10–30 epochs (esper.stack.SHORT_JOB_POLICY, "
+            "as in the demo) instead of its defaults, sized for tens of epochs"
+        ),
+    ] = False,
 ) -> None:
     """Start Redis and the services as local processes, print their URLs, stream their logs;
     restart a process that dies; Ctrl-C, SIGTERM or SIGHUP stops them all."""
     names = [s.strip() for s in services.split(",") if s.strip()]
     stack = LocalStack(
-        root, services=names, fixed_ports=not free_ports, data_dir=data_dir, die_with_parent=True
+        root,
+        services=names,
+        fixed_ports=not free_ports,
+        data_dir=data_dir,
+        die_with_parent=True,
+        env=dict(SHORT_JOB_POLICY) if short_jobs else None,
     )
     console.print(f"starting {', '.join(names)} (state in {root}) …")
     with stop_signals():

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import httpx
 
-from esper.contracts import JobSpec, JobSubmitted, JobView, Page
+from esper.contracts import JobSpec, JobSubmitted, JobView, Page, RunEnd, RunReply, RunReport
 from esper.contracts.kernels import KernelMeta
 from esper.contracts.kernels_api import CompileRequest, KernelResult, KernelUpload
 
@@ -51,6 +51,9 @@ class Call(Generic[T]):
     path: str
     parse: Callable[[httpx.Response], T]
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_JSON = {"Content-Type": "application/json"}
 
 
 def _json(response: httpx.Response) -> Any:
@@ -109,6 +112,28 @@ def job_logs(job_id: str, tail: int | None = None) -> Call[str]:
 
 def job_checkpoint(job_id: str) -> Call[bytes]:
     return Call("tolaria", "GET", f"/jobs/{job_id}/checkpoint", lambda r: r.content)
+
+
+def report_run(job_id: str, body: RunReport) -> Call[RunReply]:
+    """An external run's report (esper.contracts.runs); at a decision point the reply waits
+    for the controller's answer."""
+    return Call(
+        "tolaria",
+        "POST",
+        f"/jobs/{job_id}/reports",
+        lambda r: RunReply.model_validate(r.json()),
+        {"content": body.model_dump_json(), "headers": _JSON},
+    )
+
+
+def end_run(job_id: str, body: RunEnd) -> Call[JobView]:
+    return Call(
+        "tolaria",
+        "POST",
+        f"/jobs/{job_id}/end",
+        lambda r: JobView.model_validate(r.json()),
+        {"content": body.model_dump_json(), "headers": _JSON},
+    )
 
 
 # --------------------------------------------------------------------- urza

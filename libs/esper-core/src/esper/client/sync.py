@@ -11,7 +11,7 @@ import httpx
 from esper.client import calls
 from esper.client._http import raise_for_error, sync_http, unreachable
 from esper.client.calls import Call, Event, ServiceUrls, SSEParser
-from esper.contracts import JobSpec, JobSubmitted, JobView, Page
+from esper.contracts import JobSpec, JobSubmitted, JobView, Page, RunEnd, RunReply, RunReport
 from esper.contracts.kernels import KernelMeta
 
 T = TypeVar("T")
@@ -64,6 +64,12 @@ class Esper:
 
     def checkpoint(self, job_id: str) -> bytes:
         return self.run(calls.job_checkpoint(job_id))
+
+    def report_run(self, job_id: str, body: RunReport) -> RunReply:
+        return self.run(calls.report_run(job_id, body))
+
+    def end_run(self, job_id: str, body: RunEnd) -> JobView:
+        return self.run(calls.end_run(job_id, body))
 
     def events(self, job_id: str, timeout_s: float | None = None) -> Iterator[Event]:
         """The job's events from its start, then live, ending with an `end` event."""

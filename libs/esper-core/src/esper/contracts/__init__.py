@@ -73,6 +73,7 @@ from esper.contracts.jobs import (
 )
 from esper.contracts.kernels import HostSignature, KernelMeta
 from esper.contracts.kernels_api import CompileRequest, KernelLineage, KernelResult, KernelUpload
+from esper.contracts.runs import RunEnd, RunReply, RunReport
 from esper.contracts.telemetry import (
     LayerStats,
     LayerStatsV2,
@@ -150,6 +151,9 @@ API_BODIES: tuple[type[BaseModel], ...] = (
     JobSpec,
     JobView,
     JobSubmitted,
+    RunReport,
+    RunReply,
+    RunEnd,
 )
 
 __all__ = [
@@ -216,6 +220,9 @@ __all__ = [
     "Readiness",
     "Reason",
     "RefusalCode",
+    "RunEnd",
+    "RunReply",
+    "RunReport",
     "Scalar",
     "SeedIndex",
     "SeedStateName",

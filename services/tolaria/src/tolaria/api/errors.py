@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from esper.service import ErrorMapping, ErrorTable, path_param
-from tolaria.errors import Location, SpecError
+from tolaria.errors import Location, RunReportError, SpecError
 from tolaria.jobstore import JobStateError, UnknownJobError
 
 
@@ -19,4 +19,5 @@ ERRORS: ErrorTable = {
     UnknownJobError: ErrorMapping(404, "unknown_job", path_param("job_id")),
     JobStateError: ErrorMapping(409, "conflict", path_param("job_id")),
     SpecError: ErrorMapping(422, "invalid_spec", _in_body),
+    RunReportError: ErrorMapping(422, "invalid_report"),
 }

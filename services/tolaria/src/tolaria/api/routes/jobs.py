@@ -33,8 +33,10 @@ from tolaria import checkpoint
 from tolaria.dataformats import relative_message
 from tolaria.deps import SettingsDep, StoreDep
 from tolaria.errors import SpecError
-from tolaria.jobstore import UnknownJobError
+from tolaria.external import RunRelay
+from tolaria.jobstore import JobStore, UnknownJobError
 from tolaria.runtime import control_group
+from tolaria.settings import TolariaSettings
 from tolaria.validation import check_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -104,6 +106,8 @@ async def submit_job(
             view = await store.get(existing.decode() if isinstance(existing, bytes) else existing)
             response.status_code = status.HTTP_200_OK
             return JobSubmitted(job_id=view.job_id, status=view.status, created=False)
+    if spec.external:
+        return await _register_external(request, store, settings, spec)
     try:
         await asyncio.to_thread(check_spec, spec, settings.data_dir, settings.max_job_memory_bytes)
     except SpecError as err:
@@ -117,18 +121,34 @@ async def submit_job(
     if not created:
         response.status_code = status.HTTP_200_OK
         return JobSubmitted(job_id=view.job_id, status=view.status, created=False)
-    bus = settings.bus
-    try:  # the job's control group exists before the job does: no decision is missed
-        await store.redis.xgroup_create(
-            bus.stream("control"), control_group(job_id), id="$", mkstream=True
-        )
-    except Exception as err:
-        if "BUSYGROUP" not in str(err):
-            raise
+    await _create_control_group(store, settings, job_id)
     await request.app.state.producer.publish(
         Envelope.wrap(JobQueued(job_id=job_id), source=SOURCE, job_id=job_id)
     )
     return JobSubmitted(job_id=job_id, status="PENDING", created=True)
+
+
+async def _create_control_group(store: JobStore, settings: TolariaSettings, job_id: str) -> None:
+    """The job's control group exists before the job runs: no decision is missed."""
+    try:
+        await store.redis.xgroup_create(
+            settings.bus.stream("control"), control_group(job_id), id="$", mkstream=True
+        )
+    except Exception as err:
+        if "BUSYGROUP" not in str(err):
+            raise
+
+
+async def _register_external(
+    request: Request, store: JobStore, settings: TolariaSettings, spec: JobSpec
+) -> JobSubmitted:
+    """An external run's job: RUNNING at once, never queued (its trainer is the caller)."""
+    job_id = f"job-{uuid.uuid4().hex[:12]}"
+    view, created = await store.create(job_id, spec)
+    if created:
+        await _create_control_group(store, settings, job_id)
+    started = await RunRelay(store, request.app.state.producer, settings).start(view)
+    return JobSubmitted(job_id=started.job_id, status=started.status, created=created)
 
 
 @router.get("", response_model=Page[JobView], responses=_ERRORS)
