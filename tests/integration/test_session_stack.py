@@ -77,6 +77,8 @@ def test_the_readme_runs_the_scripts_locally_and_on_the_stack_it_starts_for_shor
         ".venv/bin/esper up --short-jobs",
         ".venv/bin/python examples/own_loop.py --controller stack",
         ".venv/bin/python examples/own_loop_lightning.py --controller stack",
+        ".venv/bin/esper jobs submit examples/python_job/spec.yaml --code examples/python_job "
+        "--follow",
     ]
     # `esper up --short-jobs` is this module's stack: Tamiyo with SHORT_JOB_POLICY.
     shown = subprocess.run(
@@ -93,7 +95,7 @@ def test_the_readme_runs_the_scripts_locally_and_on_the_stack_it_starts_for_shor
 def test_a_users_loop_is_a_job_of_the_stack_and_grows_as_the_local_policy_grows_it(
     full_stack: LocalStack,
 ) -> None:
-    local_command, _, stack_command, _ = own_model_commands()
+    local_command, _, stack_command, *_ = own_model_commands()
     local = run_script(None, local_command)
     stacked = run_script(full_stack, stack_command)
 
@@ -149,6 +151,28 @@ def test_the_lightning_callback_grows_a_trainers_module_with_the_stack_as_with_t
     view = tolaria.get(f"/jobs/{stacked['job_id']}").json()
     assert view["status"] == "SUCCEEDED" and view["progress"]["epoch"] == 14, view
     assert view["seeds"], view
+
+
+def test_your_code_as_a_tolaria_job_trains_and_grows(full_stack: LocalStack) -> None:
+    done = subprocess.run(
+        own_model_commands()[4],
+        shell=True,
+        cwd=ROOT,
+        env=client_env(full_stack),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    job_id = re.search(r"submitted: (job-[0-9a-f]+)", done.stdout)
+    assert job_id is not None, done.stdout[-2000:]
+    tolaria = httpx.Client(base_url=full_stack.url("tolaria"), timeout=30)
+    view = tolaria.get(f"/jobs/{job_id.group(1)}").json()
+    assert view["status"] == "SUCCEEDED", view
+    assert view["spec"]["model"]["kind"] == "python" and view["spec"]["code"]["digest"]
+    # It grew: --follow shows Tamiyo's germination applied and the seed going ACTIVE.
+    assert "decision germinate" in done.stdout and "LOADING → ACTIVE" in done.stdout, done.stdout
 
 
 def test_a_stop_asked_through_the_api_ends_the_users_loop(full_stack: LocalStack) -> None:

@@ -116,6 +116,8 @@ class LocalStack:
             "URZA_DATA_DIR": str(self.root / "urza"),
             "TOLARIA_WORK_DIR": str(self.root / "tolaria"),
             "TOLARIA_DATA_DIR": str(self.data_dir),
+            # A local stack is the user's own machine: their code may run in their jobs.
+            "TOLARIA_ALLOW_USER_CODE": "true",
             "TAMIYO_DATA_DIR": str(self.root / "tamiyo"),
             "NISSA_DATA_DIR": str(self.root / "nissa"),
             # A `<SERVICE>_HOST=0.0.0.0` left in a shell must not expose the open routes.

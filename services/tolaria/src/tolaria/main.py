@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from esper.bus import connect
 from esper.contracts.api import Check
 from esper.service import create_app as create_service_app
-from tolaria import __version__
+from tolaria import __version__, usercode_submit
 from tolaria.api.errors import ERRORS
 from tolaria.api.routes import jobs, runs
 from tolaria.external import RunRelay, sweep_forever
@@ -64,7 +64,7 @@ def create_app(settings: TolariaSettings | None = None) -> FastAPI:
         lifespan=lifespan,
         readiness={"workers": workers_alive},
         errors=ERRORS,
-        body_limits={"/jobs": settings.max_spec_bytes},
+        body_limits={"/jobs": usercode_submit.body_limit(settings)},
         description="Training jobs: submit, follow, stop, download checkpoints.",
     )
     return app

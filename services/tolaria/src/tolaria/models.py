@@ -33,8 +33,10 @@ from esper.contracts.jobs import (
     MLPModel,
     ModelSpec,
     MorphogenesisSpec,
+    PythonModel,
     ResNetModel,
 )
+from tolaria import usercode
 from tolaria.errors import SpecError
 
 MAX_PARAMETERS = 50_000_000
@@ -62,19 +64,26 @@ def build_model(spec: ModelSpec, input_shape: Shape, classes: int) -> nn.Module:
     would have more than MAX_PARAMETERS parameters."""
     if not input_shape or any(d < 1 for d in input_shape) or classes < 1:
         raise ValueError(f"invalid data geometry: samples {list(input_shape)}, {classes} classes")
+    if isinstance(spec, PythonModel):  # built once, for real: user code has no meta dry run
+        return _counted(usercode.python_model(spec, tuple(input_shape), classes), input_shape)
     construct = _constructor(spec, tuple(input_shape), classes)
     # Count on the meta device first: a spec may ask for billions of parameters, which must be
     # refused before they are allocated. fork_rng keeps the probe from moving the caller's seed.
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         probe = construct()
-    parameters = sum(p.numel() for p in probe.parameters())
+    _counted(probe, input_shape)
+    return construct()
+
+
+def _counted(model: nn.Module, input_shape: Shape) -> nn.Module:
+    parameters = sum(p.numel() for p in model.parameters())
     if parameters > MAX_PARAMETERS:
         raise SpecError(
             _MODEL,
             f"the model would have {parameters:,} parameters for samples of shape "
             f"{list(input_shape)}; the limit is {MAX_PARAMETERS:,}",
         )
-    return construct()
+    return model
 
 
 def morphable_layers(model: nn.Module, spec: MorphogenesisSpec) -> list[str]:

@@ -33,7 +33,7 @@ from esper.contracts.jobs import SeedView, TrainingSpec
 from esper.kernels import tiered_cache
 from esper.morphable import MorphableModel
 from esper.training import SeedOrchestrator, TelemetryReporter
-from tolaria import checkpoint
+from tolaria import checkpoint, usercode
 from tolaria.best import BestEpoch, summary
 from tolaria.compute import ComputeMeter
 from tolaria.datasets import DataSplits, load_dataset
@@ -41,6 +41,7 @@ from tolaria.decisionpoints import DecisionPoints
 from tolaria.models import build_model, morphable_layers
 from tolaria.publishing import publish_trained_kernels
 from tolaria.runtime import JobRuntime
+from tolaria.usercode import ZipLimits
 
 log = logging.getLogger("tolaria.job")
 
@@ -111,6 +112,11 @@ class JobTrainer:
         self.morph = spec.morphogenesis
         self.checkpoint_path = checkpoint.path_for(work_dir, self.job_id)
         self.device = pick_device(self.training.device)
+        if spec.code is not None:  # the user's code is imported in this process, from here
+            limits = ZipLimits.of(runtime.settings)
+            usercode.activate(
+                usercode.code_dir_for(spec.code, data_dir, work_dir, self.job_id, limits)
+            )
         torch.manual_seed(self.training.seed)
         self.data: DataSplits = on_device(load_dataset(spec.dataset, data_dir), self.device)
         model = self._build_host()

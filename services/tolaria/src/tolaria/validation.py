@@ -2,6 +2,9 @@
 and fits, the model builds for it, the layers to wrap exist, a growth schedule names them, and
 the job fits its memory budget.
 
+A spec with the user's code (`kind: python`) is checked the same way, but in a child process
+with the code active (usercode.py), never in the API process.
+
 This runs in the API process, so it allocates nothing in proportion to the job: the model is
 built on the meta device, a generated data set is checked by arithmetic, never generated, and a
 file data set from its headers and streamed labels or rows (dataheaders.py), never loaded; the
@@ -15,6 +18,7 @@ from pathlib import Path
 import torch
 
 from esper.contracts import JobSpec
+from esper.contracts.jobs import PythonModel
 from tolaria.datasets import dataset_geometry
 from tolaria.memory import check_job_memory, estimate_job_memory
 from tolaria.models import build_model, morphable_layers
@@ -32,4 +36,13 @@ def check_spec(
         model = build_model(spec.model, shape, classes)
     layers = morphable_layers(model, spec.morphogenesis) if spec.morphogenesis.enabled else None
     check_schedule(spec, layers)
-    check_job_memory(estimate_job_memory(model, spec.training, shape, samples), max_memory_bytes)
+    if isinstance(spec.model, PythonModel):  # built for real (usercode.py): sized on meta now
+        try:
+            estimate = estimate_job_memory(model.to("meta"), spec.training, shape, samples)
+        except (RuntimeError, NotImplementedError, TypeError):
+            # A forward that makes tensors of its own (off the input's device) cannot run on
+            # meta: such a model is bounded by MAX_PARAMETERS only.
+            return
+    else:
+        estimate = estimate_job_memory(model, spec.training, shape, samples)
+    check_job_memory(estimate, max_memory_bytes)

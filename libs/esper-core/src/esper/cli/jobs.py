@@ -35,14 +35,22 @@ def submit(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="show progress until it ends")
     ] = False,
+    code: Annotated[
+        Path | None,
+        typer.Option(
+            "--code", help="a directory of Python code for `kind: python` entrypoints, sent zipped"
+        ),
+    ] = None,
     url: Url = None,
 ) -> None:
     """Submit a job; --follow shows a live progress bar (epoch, loss, accuracy) and seed events."""
     if not spec.is_file():
         fail(f"no such file: {spec}")
+    if code is not None and not code.is_dir():
+        fail(f"--code: no such directory: {code}")
     text = read_spec(spec)
     with client(url) as esper:
-        submitted = esper.submit_yaml(text)
+        submitted = esper.submit_yaml(text, code=code)
         verb = "submitted" if submitted.created else "already submitted (same submission_id)"
         console.print(f"{verb}: [bold]{submitted.job_id}[/] ({submitted.status})")
         if follow:

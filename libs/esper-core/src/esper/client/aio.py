@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -42,11 +44,14 @@ class AsyncEsper:
             raise_for_error(call.service, response)
         return call.parse(response)
 
-    async def submit(self, spec: JobSpec | dict[str, Any]) -> JobSubmitted:
-        return await self.run(calls.submit_job(spec))
+    async def submit(
+        self, spec: JobSpec | dict[str, Any], *, code: Path | None = None
+    ) -> JobSubmitted:
+        """`code`: the directory a `python` model or dataset is imported from, sent zipped."""
+        return await self.run(calls.submit_job(spec, await _zipped(code)))
 
-    async def submit_yaml(self, text: str) -> JobSubmitted:
-        return await self.run(calls.submit_job_yaml(text))
+    async def submit_yaml(self, text: str, *, code: Path | None = None) -> JobSubmitted:
+        return await self.run(calls.submit_job_yaml(text, await _zipped(code)))
 
     async def job(self, job_id: str) -> JobView:
         return await self.run(calls.job(job_id))
@@ -92,3 +97,8 @@ class AsyncEsper:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def _zipped(code: Path | None) -> bytes | None:
+    # In a thread: reading and compressing a directory must not stall the event loop.
+    return await asyncio.to_thread(calls.zip_code, code) if code is not None else None

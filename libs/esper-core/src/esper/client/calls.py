@@ -4,10 +4,13 @@ path, arguments, how to read the answer). `Esper` runs calls with httpx.Client, 
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
@@ -16,6 +19,7 @@ import httpx
 from esper.contracts import JobSpec, JobSubmitted, JobView, Page, RunEnd, RunReply, RunReport
 from esper.contracts.kernels import KernelMeta
 from esper.contracts.kernels_api import CompileRequest, KernelResult, KernelUpload
+from esper.exceptions import ConfigError
 
 T = TypeVar("T")
 SERVICES = ("tolaria", "tamiyo", "nissa", "urza")
@@ -61,14 +65,19 @@ def _json(response: httpx.Response) -> Any:
 
 
 # ------------------------------------------------------------------ tolaria
-def submit_job(spec: JobSpec | dict[str, Any]) -> Call[JobSubmitted]:
+def submit_job(spec: JobSpec | dict[str, Any], code: bytes | None = None) -> Call[JobSubmitted]:
+    """`code`: a zip (`zip_code`) the spec's `python` entrypoints import; sent with the spec."""
     body = spec.model_dump(mode="json", exclude_none=True) if isinstance(spec, JobSpec) else spec
+    if code is not None:
+        return _submit_with_code(json.dumps(body), code)
     return Call(
         "tolaria", "POST", "/jobs", lambda r: JobSubmitted.model_validate(r.json()), {"json": body}
     )
 
 
-def submit_job_yaml(text: str) -> Call[JobSubmitted]:
+def submit_job_yaml(text: str, code: bytes | None = None) -> Call[JobSubmitted]:
+    if code is not None:
+        return _submit_with_code(text, code)
     return Call(
         "tolaria",
         "POST",
@@ -76,6 +85,42 @@ def submit_job_yaml(text: str) -> Call[JobSubmitted]:
         lambda r: JobSubmitted.model_validate(r.json()),
         {"content": text.encode(), "headers": {"Content-Type": "application/yaml"}},
     )
+
+
+def _submit_with_code(spec_text: str, code: bytes) -> Call[JobSubmitted]:
+    return Call(
+        "tolaria",
+        "POST",
+        "/jobs",
+        lambda r: JobSubmitted.model_validate(r.json()),
+        {"files": {"spec": (None, spec_text), "code": ("code.zip", code, "application/zip")}},
+    )
+
+
+_NOT_CODE = {"__pycache__", ".git", ".hg", ".svn", ".mypy_cache", ".pytest_cache", ".venv"}
+
+
+def zip_code(directory: Path) -> bytes:
+    """A directory as the zip of a job's code: its files in name order with fixed timestamps,
+    so the same code always zips to the same bytes (Tolaria keeps it once, by digest); caches,
+    virtual environments and version control left out. A symbolic link raises ConfigError:
+    Tolaria refuses zips with links."""
+    if not directory.is_dir():
+        raise ConfigError(f"{directory} is not a directory")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(directory.rglob("*")):
+            relative = path.relative_to(directory)
+            if _NOT_CODE & set(relative.parts) or path.suffix == ".pyc":
+                continue
+            if path.is_symlink():
+                raise ConfigError(f"{path} is a symbolic link: copy what it points to instead")
+            if path.is_file():
+                entry = zipfile.ZipInfo(relative.as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+                entry.external_attr = 0o644 << 16
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                archive.writestr(entry, path.read_bytes())
+    return buffer.getvalue()
 
 
 def job(job_id: str) -> Call[JobView]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -44,11 +45,12 @@ class Esper:
         return call.parse(response)
 
     # jobs
-    def submit(self, spec: JobSpec | dict[str, Any]) -> JobSubmitted:
-        return self.run(calls.submit_job(spec))
+    def submit(self, spec: JobSpec | dict[str, Any], *, code: Path | None = None) -> JobSubmitted:
+        """`code`: the directory a `python` model or dataset is imported from, sent zipped."""
+        return self.run(calls.submit_job(spec, calls.zip_code(code) if code else None))
 
-    def submit_yaml(self, text: str) -> JobSubmitted:
-        return self.run(calls.submit_job_yaml(text))
+    def submit_yaml(self, text: str, *, code: Path | None = None) -> JobSubmitted:
+        return self.run(calls.submit_job_yaml(text, calls.zip_code(code) if code else None))
 
     def job(self, job_id: str) -> JobView:
         return self.run(calls.job(job_id))

@@ -11,6 +11,7 @@ with 422 before anything is queued.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -136,8 +137,52 @@ class ExternalModel(_Spec):
     description: Text | None = None
 
 
+MAX_ARGS_BYTES = 16 << 10
+"""An entrypoint's `args`, as JSON, are at most this long: settings, not data."""
+
+Entrypoint = Annotated[
+    str,
+    Field(
+        max_length=256,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="`package.module:function`, imported from the job's code (`JobSpec.code`)",
+    ),
+]
+
+
+def _bounded_args(args: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(args)) > MAX_ARGS_BYTES:
+        raise ValueError(f"args are over {MAX_ARGS_BYTES} bytes of JSON")
+    return args
+
+
+EntrypointArgs = Annotated[
+    dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], Any],
+    Field(max_length=64, description="keyword arguments of the entrypoint (JSON values)"),
+    AfterValidator(_bounded_args),
+]
+
+
+class PythonModel(_Spec):
+    """The user's own model: `entrypoint(input_shape: tuple[int, ...], classes: int, **args)`
+    returns an `nn.Module` that maps `[N, *input_shape]` to `[N, classes]` logits. Run from the
+    job's `code` (Tolaria's `allow_user_code` setting must be on)."""
+
+    kind: Literal["python"] = "python"
+    entrypoint: Entrypoint
+    args: EntrypointArgs = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _own_arguments(self) -> PythonModel:
+        taken = sorted({"input_shape", "classes"} & set(self.args))
+        if taken:
+            raise ValueError(f"args must not set {', '.join(taken)}: Tolaria passes them")
+        return self
+
+
 ModelSpec = Annotated[
-    MLPModel | CNNModel | ResNetModel | LayersModel | ExternalModel, Field(discriminator="kind")
+    MLPModel | CNNModel | ResNetModel | LayersModel | ExternalModel | PythonModel,
+    Field(discriminator="kind"),
 ]
 
 
@@ -228,7 +273,36 @@ class ExternalData(_Spec):
     description: Text | None = None
 
 
-DatasetSpec = Annotated[SyntheticData | FileData | ExternalData, Field(discriminator="kind")]
+class PythonData(_Spec):
+    """The user's own data: `entrypoint(**args)` returns `(x, y)` — features (samples first,
+    any real dtype, made float32) and integer labels ≥ 0 — as tensors or numpy arrays, or a
+    `torch.utils.data.Dataset` of `(x, y)` pairs. Tolaria splits and standardises it like any
+    other data set."""
+
+    kind: Literal["python"] = "python"
+    entrypoint: Entrypoint
+    args: EntrypointArgs = Field(default_factory=dict)
+    split: Split = Field(default_factory=Split)
+
+
+DatasetSpec = Annotated[
+    SyntheticData | FileData | ExternalData | PythonData, Field(discriminator="kind")
+]
+
+
+class CodeSource(_Spec):
+    """Where a job's Python code comes from: a directory under the data directory (`path`), or
+    a zip uploaded with the job (`digest`, which Tolaria sets from the upload; a spec may name
+    one uploaded before). The directory is put first on the job's `sys.path`."""
+
+    path: RelativePath | None = None
+    digest: str | None = Field(default=None, pattern=r"^sha256:[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CodeSource:
+        if (self.path is None) == (self.digest is None):
+            raise ValueError("code has either `path` (under the data directory) or `digest`")
+        return self
 
 
 # ---------------------------------------------------------------- training
@@ -336,6 +410,21 @@ class JobSpec(_Spec):
     dataset: DatasetSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     morphogenesis: MorphogenesisSpec = Field(default_factory=MorphogenesisSpec)
+    code: CodeSource | None = Field(
+        default=None, description="the code a `python` model or dataset is imported from"
+    )
+
+    @model_validator(mode="after")
+    def _code_for_python(self) -> JobSpec:
+        python = [p for p in ("model", "dataset") if getattr(self, p).kind == "python"]
+        if python and self.code is None:
+            raise ValueError(
+                f"a python {' and '.join(python)} needs `code`: upload a zip with the job, or "
+                "name a directory under the data directory (`code: {path: ...}`)"
+            )
+        if self.code is not None and not python:
+            raise ValueError("`code` goes with a model or dataset of kind `python`")
+        return self
 
     @model_validator(mode="after")
     def _external_together(self) -> JobSpec:

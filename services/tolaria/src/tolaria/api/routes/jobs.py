@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -29,7 +30,7 @@ from esper.contracts import (
 )
 from esper.service import ApiError, RequireToken, error_responses
 from esper.specyaml import load_spec_yaml
-from tolaria import checkpoint
+from tolaria import checkpoint, usercode_submit
 from tolaria.dataformats import relative_message
 from tolaria.deps import SettingsDep, StoreDep
 from tolaria.errors import SpecError
@@ -37,6 +38,7 @@ from tolaria.external import RunRelay
 from tolaria.jobstore import JobStore, UnknownJobError
 from tolaria.runtime import control_group
 from tolaria.settings import TolariaSettings
+from tolaria.usercode import job_code_dir
 from tolaria.validation import check_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -50,7 +52,33 @@ _STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
 async def _parse_spec(request: Request) -> JobSpec:
     """JSON, or YAML with `Content-Type: application/yaml`."""
     body = await request.body()
+    limit = request.app.state.settings.max_spec_bytes
+    if len(body) > limit:  # the route's body limit leaves room for a multipart zip
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"a spec is at most {limit} bytes",
+            ["body"],
+            limit_bytes=limit,
+        )
     kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    return _validated(await _load_document(body, kind))
+
+
+async def _read_submission(
+    request: Request, settings: TolariaSettings
+) -> tuple[JobSpec, usercode_submit.CodeUpload | None]:
+    """A spec body, or a multipart body of a spec and the code zip it runs."""
+    if not usercode_submit.is_multipart(request):
+        return await _parse_spec(request), None
+    text, upload = await usercode_submit.read_multipart(request, settings)
+    document = await _load_document(text, "application/yaml")  # JSON is YAML
+    if upload is not None:
+        document = usercode_submit.with_code_digest(document, upload)
+    return _validated(document), upload
+
+
+async def _load_document(body: bytes, kind: str) -> Any:
     try:
         if kind in ("application/yaml", "application/x-yaml", "text/yaml"):
             # In a thread and bounded: a big document must not stall the event loop.
@@ -61,6 +89,10 @@ async def _parse_spec(request: Request) -> JobSpec:
         raise ApiError(
             422, "validation_error", f"body is not valid {kind}: {err}", ["body"]
         ) from None
+    return data
+
+
+def _validated(data: Any) -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:
@@ -89,6 +121,20 @@ async def _parse_spec(request: Request) -> JobSpec:
             "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}},
                 "application/yaml": {},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {"type": "string", "description": "the spec, JSON or YAML"},
+                            "code": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "a zip of the code `python` entrypoints import",
+                            },
+                        },
+                        "required": ["spec"],
+                    }
+                },
             },
             "required": True,
         }
@@ -99,7 +145,7 @@ async def submit_job(
 ) -> JobSubmitted:
     """Queue a job (202). With a `submission_id` that was used before, the job it created
     (200, `created: false`). A spec that cannot run is refused with 422 and nothing is queued."""
-    spec = await _parse_spec(request)
+    spec, upload = await _read_submission(request, settings)
     if spec.submission_id is not None:
         existing = await store.redis.get(store.submission_key(spec.submission_id))
         if existing is not None:
@@ -109,7 +155,12 @@ async def submit_job(
     if spec.external:
         return await _register_external(request, store, settings, spec)
     try:
-        await asyncio.to_thread(check_spec, spec, settings.data_dir, settings.max_job_memory_bytes)
+        if spec.code is not None:  # the user's code is checked in a child process, never here
+            await usercode_submit.check_code(spec, upload, settings)
+        else:
+            await asyncio.to_thread(
+                check_spec, spec, settings.data_dir, settings.max_job_memory_bytes
+            )
     except SpecError as err:
         # Files named as the spec names them, relative to the data dir: its place on the server
         # is not the client's business. Edited in place: a subclass keeps its own answer.
@@ -117,6 +168,8 @@ async def submit_job(
         err.args = (relative_message(str(err), settings.data_dir),)
         raise
     job_id = f"job-{uuid.uuid4().hex[:12]}"
+    if upload is not None:  # every check passed: now the zip is kept
+        await asyncio.to_thread(usercode_submit.keep, upload, settings)
     view, created = await store.create(job_id, spec)
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -194,6 +247,10 @@ async def delete_job(job_id: JobId, store: StoreDep, settings: SettingsDep) -> N
     )
     for path in paths:
         await asyncio.to_thread(path.unlink, missing_ok=True)
+    # The job's unpacked code; the zip stays, by digest, for other jobs that name it.
+    await asyncio.to_thread(
+        shutil.rmtree, job_code_dir(settings.work_dir, job_id), ignore_errors=True
+    )
     with contextlib.suppress(Exception):  # gone already when the job finished
         await store.redis.xgroup_destroy(settings.bus.stream("control"), control_group(job_id))
 
