@@ -75,7 +75,7 @@ def read_files(spec: FileData, data_dir: Path) -> RawData:
     """The samples of a `FileData` spec, at most `spec.limit` of them (the first ones)."""
     path = locate(spec, data_dir)
     if spec.kind == "npz":
-        return read_npz(path, spec.x_key, spec.y_key, spec.limit)
+        return read_npz(path, spec.x_key, spec.y_key, spec.limit, sequences=spec.sequences)
     if spec.kind == "csv":
         return read_csv(path, spec.label_column, spec.limit)
     if spec.kind == "mnist":
@@ -172,8 +172,11 @@ def same_length(samples: int, labels: int, where: Location) -> None:
 
 
 # --------------------------------------------------------------- npz
-def read_npz(path: Path, x_key: str, y_key: str, limit: int | None) -> RawData:
-    """Arrays `x_key` (`[N, F]`, `[N, H, W]` or `[N, C, H, W]`) and `y_key` (`[N]` labels)."""
+def read_npz(
+    path: Path, x_key: str, y_key: str, limit: int | None, *, sequences: bool = False
+) -> RawData:
+    """Arrays `x_key` (`[N, F]`, `[N, H, W]` or `[N, C, H, W]`; `[N, C, L]` with `sequences`)
+    and `y_key` (`[N]` labels)."""
     with open_npz(path) as archive:
         arrays: list[np.ndarray[Any, Any]] = []
         for key, field in ((x_key, "x_key"), (y_key, "y_key")):
@@ -187,7 +190,7 @@ def read_npz(path: Path, x_key: str, y_key: str, limit: int | None) -> RawData:
             arrays.append(array)
     x, y = arrays
     _features(x, [*_DATASET, "x_key"], f"array {x_key!r}")
-    x = x.reshape(npz_sample_shape(x.shape, x_key))
+    x = x.reshape(npz_sample_shape(x.shape, x_key, sequences=sequences))
     y = labels(y, [*_DATASET, "y_key"], f"array {y_key!r}")
     _same_length(x, y, [*_DATASET, "y_key"])
     x, y = x[:limit], y[:limit]
@@ -213,10 +216,18 @@ def npz_member(archive: np.lib.npyio.NpzFile, path: Path, key: str, field: str) 
     return key if key in names else f"{key}.npy"
 
 
-def npz_sample_shape(shape: tuple[int, ...], x_key: str) -> tuple[int, ...]:
-    """`[N, …]` as the model sees it: a channel added to `[N, H, W]` images."""
+def npz_sample_shape(
+    shape: tuple[int, ...], x_key: str, *, sequences: bool = False
+) -> tuple[int, ...]:
+    """`[N, …]` as the model sees it: a channel added to `[N, H, W]` images; `[N, C, L]`
+    sequences (`sequences`) as they are."""
     if len(shape) == 3:
-        return (shape[0], 1, *shape[1:])
+        return shape if sequences else (shape[0], 1, *shape[1:])
+    if sequences:
+        raise SpecError(
+            [*_DATASET, "sequences"],
+            f"array {x_key!r} has shape {shape}; sequences are [N, C, L] (channels, length)",
+        )
     if len(shape) not in (2, 4):
         raise SpecError(
             [*_DATASET, "x_key"],

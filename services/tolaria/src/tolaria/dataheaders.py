@@ -81,7 +81,7 @@ def read_geometry(spec: FileData, data_dir: Path) -> Geometry:
     would refuse (but for NaN features of an npz array, see the module's docstring)."""
     path = locate(spec, data_dir)
     if spec.kind == "npz":
-        return npz_geometry(path, spec.x_key, spec.y_key, spec.limit)
+        return npz_geometry(path, spec.x_key, spec.y_key, spec.limit, sequences=spec.sequences)
     if spec.kind == "csv":
         return csv_geometry(path, spec.label_column, spec.limit)
     if spec.kind == "mnist":
@@ -91,7 +91,9 @@ def read_geometry(spec: FileData, data_dir: Path) -> Geometry:
 
 
 # --------------------------------------------------------------- npz
-def npz_geometry(path: Path, x_key: str, y_key: str, limit: int | None) -> Geometry:
+def npz_geometry(
+    path: Path, x_key: str, y_key: str, limit: int | None, *, sequences: bool = False
+) -> Geometry:
     """The feature array's header only; its labels streamed, at most as many as it has
     samples (a label array longer than that is refused before it is read)."""
     x_where, y_where = [*_DATASET, "x_key"], [*_DATASET, "y_key"]
@@ -104,7 +106,7 @@ def npz_geometry(path: Path, x_key: str, y_key: str, limit: int | None) -> Geome
         y_name = npz_member(archive, path, y_key, "y_key")
         with _npy(members, y_name, path, y_key, "y_key") as (y_shape, y_dtype, stream):
             numeric(x_dtype, x_where, f"array {x_key!r}")
-            shape = npz_sample_shape(x_shape, x_key)
+            shape = npz_sample_shape(x_shape, x_key, sequences=sequences)
             what = f"array {y_key!r}"
             label_shape(y_shape, y_where, what)
             if y_shape[0] > shape[0]:

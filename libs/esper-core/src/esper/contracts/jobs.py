@@ -263,7 +263,18 @@ class FileData(_Spec):
     limit: Annotated[StrictInt, Field(ge=1)] | None = Field(
         default=None, description="use only the first N samples"
     )
+    sequences: bool = Field(
+        default=False,
+        description="npz only: a 3-D `x` holds [N, C, L] sequences (channels, length), for "
+        "conv1d layers, instead of [N, H, W] grayscale images",
+    )
     split: Split = Field(default_factory=Split)
+
+    @model_validator(mode="after")
+    def _sequences_in_npz(self) -> FileData:
+        if self.sequences and self.kind != "npz":
+            raise ValueError(f"`sequences` is for npz arrays; {self.kind} files hold no sequences")
+        return self
 
 
 class ExternalData(_Spec):
