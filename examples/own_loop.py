@@ -79,7 +79,6 @@ def main() -> None:
 
     # The stack's Tamiyo runs the short-job windows (`esper up --short-jobs`); the local
     # policy gets the same ones.
-    options = {} if args.controller == "stack" else {"policy": short_job_policy()}
     with esper.session(
         model,
         optimizer,
@@ -88,7 +87,7 @@ def main() -> None:
         evaluate=accuracy,
         epochs=args.epochs,
         loss_on_sample=lambda: loss_fn(model(x[:128]), y[:128]),
-        **options,
+        policy=short_job_policy() if args.controller == "local" else None,
     ) as run:
         print(f"JOB {run.job_id}", flush=True)
         for _ in range(args.epochs):
@@ -112,6 +111,12 @@ def main() -> None:
             if run.should_stop:
                 print("stop requested: leaving the loop", flush=True)
                 break
+    print(result_line(run, accuracy()), flush=True)
+
+
+def result_line(run: esper.sessions.Run, val_accuracy: float) -> str:
+    """`RESULT {json}`: the run's job, its decisions (epoch, step, action, layer, blueprint,
+    outcome) and the final validation accuracy."""
     decisions = [
         [
             d.epoch,
@@ -123,8 +128,8 @@ def main() -> None:
         ]
         for d in run.decisions
     ]
-    result = {"job_id": run.job_id, "decisions": decisions, "val_accuracy": accuracy()}
-    print("RESULT " + json.dumps(result), flush=True)
+    result = {"job_id": run.job_id, "decisions": decisions, "val_accuracy": val_accuracy}
+    return "RESULT " + json.dumps(result)
 
 
 def short_job_policy() -> PolicyConfig:

@@ -10,12 +10,11 @@ The last line is `RESULT {json}`, as own_loop.py prints it.
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 
 import lightning
 import torch
-from own_loop import classifier, short_job_policy, signals
+from own_loop import classifier, result_line, short_job_policy, signals
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -68,14 +67,13 @@ def main() -> None:
     def accuracy() -> float:  # the callback calls it in eval mode, without gradients
         return float((module(val_x).argmax(dim=1) == val_y).float().mean())
 
-    options = {} if args.controller == "stack" else {"policy": short_job_policy()}
     callback = EsperCallback(
         name=args.name,
         evaluate=accuracy,
         controller=args.controller,
         epochs=args.epochs,
         loss_on_sample=lambda: F.cross_entropy(module(x[:128]), y[:128]),
-        **options,
+        policy=short_job_policy() if args.controller == "local" else None,
     )
     trainer = lightning.Trainer(
         max_epochs=args.epochs,
@@ -90,23 +88,9 @@ def main() -> None:
         num_sanity_val_steps=0,
     )
     trainer.fit(module, train, val)
-    run = callback.run
-    decisions = [
-        [
-            d.epoch,
-            d.step,
-            d.decision.action,
-            d.decision.layer,
-            d.decision.blueprint,
-            d.taken.outcome,
-        ]
-        for d in run.decisions
-    ]
     module.eval()
     with torch.no_grad():
-        final = accuracy()
-    result = {"job_id": run.job_id, "decisions": decisions, "val_accuracy": final}
-    print("RESULT " + json.dumps(result), flush=True)
+        print(result_line(callback.run, accuracy()), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from typing import Any
 import lightning
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -26,13 +25,11 @@ from esper.integrations.lightning import EsperCallback
 from esper.kasmina import KasminaLayer
 from esper.policy import PolicyConfig
 from esper.sessions import SEED_MAX_GRAD_NORM
+from esper.testing.signals import LENGTH, conv1d_classifier, sinusoids
 
 EPOCHS = 12
 BATCH = 32
-LENGTH = 64
 TRAIN, VAL = 384, 192
-NOISE = 2.0
-"""Noisy enough that the tiny model plateaus early, where the policy grows it."""
 POLICY = PolicyConfig(
     warmup_epochs=2,
     patience=2,
@@ -50,16 +47,7 @@ pytestmark = [
 ]
 
 
-def signals(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Three classes of two-channel sinusoids (sin, cos) at 3, 5 and 7 cycles, random phase,
-    under Gaussian noise."""
-    y = torch.randint(0, 3, (n,), generator=generator)
-    t = torch.linspace(0.0, 1.0, LENGTH)
-    cycles = torch.tensor([3.0, 5.0, 7.0])[y]
-    phase = torch.rand(n, 1, generator=generator) * 2 * math.pi
-    angle = 2 * math.pi * cycles[:, None] * t[None, :] + phase
-    x = torch.stack([torch.sin(angle), torch.cos(angle)], dim=1)
-    return x + NOISE * torch.randn(n, 2, LENGTH, generator=generator), y
+signals = sinusoids
 
 
 class SignalClassifier(lightning.LightningModule):
@@ -75,17 +63,7 @@ class SignalClassifier(lightning.LightningModule):
         loss_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv1d(2, 4, 5, padding=2),
-            nn.ReLU(),
-            nn.Conv1d(4, 4, 5, padding=2),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool1d(1),
-            nn.Flatten(),
-            nn.Linear(4, 8),
-            nn.ReLU(),
-            nn.Linear(8, 3),
-        )
+        self.net = conv1d_classifier()
         self.n_optimizers = optimizers
         self.steps = steps
         """Optimizer steps per batch, with manual optimization."""

@@ -18,12 +18,10 @@ from esper.exceptions import ConfigError, ServiceUnreachableError
 from esper.kasmina import KasminaLayer
 from esper.policy import PolicyConfig, derive_decision_id
 from esper.sessions import Run
+from esper.testing.signals import LENGTH, conv1d_classifier, sinusoids
 
 EPOCHS = 12
 BATCH = 32
-LENGTH = 64
-NOISE = 2.0
-"""Noisy enough that the tiny model plateaus early, where the policy grows it."""
 # The short-job values of esper.stack.SHORT_JOB_POLICY, with the windows shortened further.
 POLICY = PolicyConfig(
     warmup_epochs=2,
@@ -37,30 +35,8 @@ POLICY = PolicyConfig(
 )
 
 
-def signals(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Three classes of two-channel sinusoids (sin, cos) at 3, 5 and 7 cycles, random phase,
-    under Gaussian noise."""
-    y = torch.randint(0, 3, (n,), generator=generator)
-    t = torch.linspace(0.0, 1.0, LENGTH)
-    cycles = torch.tensor([3.0, 5.0, 7.0])[y]
-    phase = torch.rand(n, 1, generator=generator) * 2 * math.pi
-    angle = 2 * math.pi * cycles[:, None] * t[None, :] + phase
-    x = torch.stack([torch.sin(angle), torch.cos(angle)], dim=1)
-    return x + NOISE * torch.randn(n, 2, LENGTH, generator=generator), y
-
-
-def classifier() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv1d(2, 4, 5, padding=2),
-        nn.ReLU(),
-        nn.Conv1d(4, 4, 5, padding=2),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool1d(1),
-        nn.Flatten(),
-        nn.Linear(4, 8),
-        nn.ReLU(),
-        nn.Linear(8, 3),
-    )
+signals = sinusoids
+classifier = conv1d_classifier
 
 
 @dataclass
