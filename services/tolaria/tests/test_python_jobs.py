@@ -418,7 +418,7 @@ def test_a_tolaria_that_does_not_allow_user_code_refuses_it_with_403(
     tolaria_factory: TolariaFactory, work_dir: Path, data_dir: Path
 ) -> None:
     # Empty, as compose writes it where no API token is set: off.
-    closed = tolaria_factory(TOLARIA_WORK_DIR=str(work_dir), TOLARIA_ALLOW_USER_CODE="")
+    closed = tolaria_factory(TOLARIA_WORK_DIR=str(work_dir), TOLARIA_ALLOW_USER_CODE="false")
     before = stored_zips(work_dir)
     with httpx.Client(
         base_url=closed.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
@@ -431,7 +431,10 @@ def test_a_tolaria_that_does_not_allow_user_code_refuses_it_with_403(
         by_path = client.post("/jobs", json={**python_job(), "code": {"path": "mine"}})
         assert by_path.status_code == 403, by_path.text
         assert_nothing_stored(client, work_dir, before)
-    assert TolariaSettings(allow_user_code="").allow_user_code is False  # type: ignore[arg-type]
+    assert not TolariaSettings(allow_user_code=False).user_code_allowed
+    assert not TolariaSettings(allow_user_code="with_token").user_code_allowed
+    assert TolariaSettings(allow_user_code="with_token", api_token="t").user_code_allowed
+    assert TolariaSettings(allow_user_code=True).user_code_allowed
 
 
 # ------------------------------------------------------------ client and CLI

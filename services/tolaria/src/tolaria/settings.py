@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from esper.service import ServiceSettings, UrzaLinkSettings
@@ -45,10 +45,11 @@ class TolariaSettings(ServiceSettings, UrzaLinkSettings):
     long is taken for dead: its job ends FAILED. Each report renews the lease."""
     external_sweep_s: float = Field(default=30.0, gt=0)
     """How often the runs' leases are looked at."""
-    allow_user_code: bool = False
+    allow_user_code: bool | Literal["with_token"] = False
     """Run jobs whose model or dataset is the user's Python code (`kind: python`, uploaded or
     under the data dir): that code runs with the job process's rights, so only where every
-    holder of the API token may run code. Off: such jobs are refused with 403."""
+    holder of the API token may run code. `with_token`: only when `api_token` is set (what
+    docker-compose uses). Off: such jobs are refused with 403."""
     max_code_bytes: int = Field(default=16 << 20, ge=1024)
     """Largest code zip sent with a job (413 above)."""
     max_code_unpacked_bytes: int = Field(default=64 << 20, ge=1024)
@@ -59,8 +60,8 @@ class TolariaSettings(ServiceSettings, UrzaLinkSettings):
     """Time limit of the check of a job's entrypoints at submission (import, call, shapes);
     past it the check process is killed and the job refused with 422."""
 
-    @field_validator("allow_user_code", mode="before")
-    @classmethod
-    def _empty_is_off(cls, value: Any) -> Any:
-        # Compose writes `${TOLARIA_API_TOKEN:+true}`: empty where no token is set.
-        return False if value == "" else value
+    @property
+    def user_code_allowed(self) -> bool:
+        if self.allow_user_code == "with_token":
+            return self.api_token is not None and bool(self.api_token.get_secret_value())
+        return self.allow_user_code is True

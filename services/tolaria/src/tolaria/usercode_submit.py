@@ -50,7 +50,7 @@ class CodeUpload:
 
 def body_limit(settings: TolariaSettings) -> int:
     """The largest `POST /jobs` body: a spec, and where user code is allowed a zip with it."""
-    extra = settings.max_code_bytes + MULTIPART_OVERHEAD if settings.allow_user_code else 0
+    extra = settings.max_code_bytes + MULTIPART_OVERHEAD if settings.user_code_allowed else 0
     return settings.max_spec_bytes + extra
 
 
@@ -59,12 +59,13 @@ def is_multipart(request: Request) -> bool:
 
 
 def refuse_unless_allowed(settings: TolariaSettings) -> None:
-    if not settings.allow_user_code:
+    if not settings.user_code_allowed:
         raise ApiError(
             403,
             "user_code_disabled",
             "this Tolaria does not run user code (a `python` model or dataset, uploaded code); "
-            "its operator can allow it with TOLARIA_ALLOW_USER_CODE=true",
+            "its operator can allow it with TOLARIA_ALLOW_USER_CODE=true (or with_token, with "
+            "an API token set)",
             ["body", "code"],
         )
 
