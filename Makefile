@@ -10,7 +10,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 SERVICES := urza tolaria tamiyo nissa
 PACKAGES := libs/esper-core $(foreach s,$(SERVICES),services/$(s))
 TESTS := libs/esper-core/tests $(foreach s,$(SERVICES),services/$(s)/tests) tests/integration \
-	tests/e2e/test_compose_file.py tests/contract tests/faults
+	tests/e2e/test_compose_file.py tests/contract tests/faults tests/deploy
 LINTED := libs services benchmarks examples
 
 .PHONY: dev test test-tools e2e env lint bench bench-adapt up demo proto clean

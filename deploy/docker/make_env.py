@@ -19,9 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS = ("URZA_API_TOKEN", "TOLARIA_API_TOKEN", "TAMIYO_API_TOKEN", "NISSA_API_TOKEN")
 KEYS = ("URZA_SIGNING_KEY",)
-SECRETS = TOKENS + KEYS
-"""What docker-compose.yml requires (`${NAME:?...}`); the other services' Urza token and
-Tolaria's kernel key are these same values, passed on by the compose file."""
+RAY_TOKENS = ("RAY_AUTH_TOKEN",)
+SECRETS = TOKENS + KEYS + RAY_TOKENS
+"""What docker-compose.yml requires (`${NAME:?...}`; the other services' Urza token and
+Tolaria's kernel key are these same values, passed on by the compose file), and the token of the
+`ray` profile's cluster, which only that profile's nodes require."""
 _SECRET_LINE = re.compile(r"^#? ?(" + "|".join(SECRETS) + r")=.*$", re.M)
 
 

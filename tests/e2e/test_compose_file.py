@@ -22,6 +22,17 @@ VARIABLE = re.compile(r"\$\{([A-Z0-9_]+)(?::?[-?][^}]*)?\}")
 REQUIRED = re.compile(r"^\$\{([A-Z0-9_]+):\?[^}]+\}$")
 SECRETS = ("URZA_API_TOKEN", "TOLARIA_API_TOKEN", "TAMIYO_API_TOKEN", "NISSA_API_TOKEN")
 SECRETS += ("URZA_SIGNING_KEY",)
+# `make env` writes these too; only the `ray` profile's nodes need it (they refuse to start
+# without it), so compose does not require it of every stack.
+RAY_SECRETS = ("RAY_AUTH_TOKEN",)
+RAY_PROFILE = ("ray-head", "ray-worker")
+DEFAULT = re.compile(r"^\$\{[A-Z0-9_]+:-([^}]*)\}$")
+
+
+def default(value: str) -> str:
+    """What `${NAME:-default}` is when NAME is unset; a plain value as it is."""
+    match = DEFAULT.match(value)
+    return match.group(1) if match else value
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +82,8 @@ def test_services_are_built_from_their_target_and_wait_for_their_dependencies(
     targets = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)\s*$", dockerfile, re.M | re.I))
     for name, port in ESPER_SERVICES.items():
         service = services[name]
-        assert service["build"]["target"] == name and name in targets
+        # Tolaria's target is a variable (tolaria or tolaria-ray), `tolaria` by default.
+        assert default(service["build"]["target"]) == name and name in targets
         assert service["build"]["dockerfile"] == "deploy/docker/Dockerfile"
         assert service["environment"][f"{name.upper()}_HOST"] == "0.0.0.0"
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -96,7 +108,8 @@ def test_volumes_monitoring_profile_and_mounts(compose: dict[str, Any]) -> None:
     )
     assert "./data:/data:ro" in compose["services"]["tolaria"]["volumes"]
     assert compose["services"]["grafana"]["profiles"] == ["monitoring"]
-    assert all("profiles" not in s for n, s in compose["services"].items() if n != "grafana")
+    profiled = {"grafana", *RAY_PROFILE}
+    assert all("profiles" not in s for n, s in compose["services"].items() if n not in profiled)
     mounts = compose["services"]["prometheus"]["volumes"]
     assert "./deploy/prometheus:/etc/prometheus:ro" in mounts
 
@@ -157,14 +170,14 @@ def test_make_env_writes_fresh_secrets_and_never_overwrites(tmp_path: Path) -> N
     assert make_env("--out", str(first)).returncode == 0
     assert make_env("--out", str(second)).returncode == 0
     one, two = read_env(first), read_env(second)
-    for name in SECRETS:
+    for name in SECRETS + RAY_SECRETS:
         assert len(one[name]) >= 32 and re.fullmatch(r"[A-Za-z0-9_-]+", one[name]), name
         assert one[name] != two[name], f"{name} is not fresh"
-    assert len({one[name] for name in SECRETS}) == len(SECRETS)
+    assert len({one[name] for name in SECRETS + RAY_SECRETS}) == len(SECRETS + RAY_SECRETS)
     assert first.stat().st_mode & 0o077 == 0, "a file of secrets must be private"
     # Everything else is .env.example's value.
     example = read_env(ROOT / ".env.example")
-    assert {k: v for k, v in one.items() if k not in SECRETS} == example
+    assert {k: v for k, v in one.items() if k not in SECRETS + RAY_SECRETS} == example
 
     before = first.read_text()
     again = make_env("--out", str(first))
@@ -177,3 +190,46 @@ def test_make_env_covers_every_secret_compose_requires() -> None:
     required = set(re.findall(r"\$\{([A-Z0-9_]+):\?", text))
     assert required == set(SECRETS)
     assert "\nenv:" in (ROOT / "Makefile").read_text()
+
+
+def test_the_ray_profile_runs_a_token_guarded_cluster_that_tolaria_can_use(
+    compose: dict[str, Any], dockerfile: str
+) -> None:
+    services = compose["services"]
+    head, worker = services["ray-head"], services["ray-worker"]
+    for name, node in (("ray-head", head), ("ray-worker", worker)):
+        assert node["profiles"] == ["ray"], name
+        assert node["build"]["target"] == "tolaria-ray", name
+        assert node["image"].split("/")[-1].startswith("tolaria-ray:"), name
+        environment = node["environment"]
+        assert environment["RAY_AUTH_MODE"] == "token", name
+        assert environment["RAY_AUTH_TOKEN"] == "${RAY_AUTH_TOKEN:-}", name
+        script = node["command"][-1]
+        # An empty token stops the node with a message instead of a cluster nobody can join.
+        assert script.startswith('test -n "$$RAY_AUTH_TOKEN" ||'), name
+        assert "--block" in script and "--node-ip-address" in script, name
+        assert "tolaria-checkpoints:/var/lib/esper/tolaria" in node["volumes"], name
+    head_script, worker_script = head["command"][-1], worker["command"][-1]
+    assert "ray start --head" in head_script and "--port 6379" in head_script
+    assert "--ray-client-server-port 10001" in head_script
+    assert "ray start --address ray-head:6379" in worker_script
+    assert worker["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    assert "ray health-check" in " ".join(head["healthcheck"]["test"])
+
+    # Tolaria stays on its local executor unless told otherwise; told, it finds the head.
+    tolaria = services["tolaria"]["environment"]
+    assert default(tolaria["TOLARIA_EXECUTOR"]) == "local"
+    assert default(tolaria["TOLARIA_RAY_ADDRESS"]) == "ray://ray-head:10001"
+    assert tolaria["TOLARIA_RAY_AUTH_TOKEN"] == "${RAY_AUTH_TOKEN:-}"
+    assert default(services["tolaria"]["build"]["target"]) == "tolaria"
+    assert services["tolaria"]["image"].endswith(
+        "/${TOLARIA_TARGET:-tolaria}:${ESPER_IMAGE_TAG:-dev}"
+    )
+
+    # The image: Tolaria's, plus a pinned Ray with the dashboard agent, Ray Client and Train.
+    stage = re.search(r"^FROM tolaria AS tolaria-ray\n(.*?)(?=^FROM |\Z)", dockerfile, re.M | re.S)
+    assert stage, "deploy/docker/Dockerfile needs a `tolaria-ray` stage built FROM tolaria"
+    body = stage.group(1)
+    assert "ARG RAY_VERSION=2.60.0" in body
+    assert '"ray[default,train]==${RAY_VERSION}"' in body
+    assert body.rstrip().endswith("USER esper:esper")
