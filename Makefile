@@ -17,7 +17,8 @@ LINTED := libs services benchmarks examples
 
 $(STAMP): constraints.txt $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -c constraints.txt -e "libs/esper-core[dev]" $(foreach s,$(SERVICES),-e services/$(s))
+	$(PIP) install --quiet -c constraints.txt -e "libs/esper-core[dev]" $(foreach s,$(SERVICES),-e services/$(s)) \
+		-e "services/tolaria[ray]"
 	touch $(STAMP)
 
 dev: $(STAMP)

@@ -35,6 +35,7 @@ from esper.contracts import (
 )
 from esper.contracts.jobs import MorphogenesisSpec
 from esper.training import SeedOrchestrator
+from tolaria.lockstep import Lockstep
 from tolaria.runtime import JobRuntime
 from tolaria.schedule import scheduled_answer
 
@@ -46,9 +47,15 @@ EXECUTE_TIMEOUT_S = 600.0
 
 class DecisionPoints:
     def __init__(
-        self, runtime: JobRuntime, orchestrator: SeedOrchestrator, spec: MorphogenesisSpec
+        self,
+        runtime: JobRuntime,
+        orchestrator: SeedOrchestrator,
+        spec: MorphogenesisSpec,
+        lockstep: Lockstep | None = None,
     ) -> None:
         self.runtime = runtime
+        self.lockstep = lockstep
+        """A distributed job's ranks: rank 0 asks, every rank executes what it got."""
         self.orchestrator = orchestrator
         self.spec = spec
         self.timeout_s = spec.decision_timeout_s
@@ -58,6 +65,8 @@ class DecisionPoints:
         self.unreported: list[DecisionTaken] = []
         """Answers to executed decisions, for the next report."""
         self.missed = 0
+        self.executed: list[tuple[str, int, str]] = []
+        """(decision id, step, outcome) of each decision this process executed."""
         self.to_release: list[ControlDecision] = []
         """Operators' decisions executed since the last checkpoint: out of the inbox once a
         checkpoint holds their effect (`release`)."""
@@ -86,22 +95,37 @@ class DecisionPoints:
         report = self.open
         if report is None:
             return False
-        answer = self._answer(report)
-        decisions: list[ControlDecision] = list(answer.decisions) if answer else []
+        lockstep = self.lockstep
+        plan = self._plan(report) if lockstep is None or lockstep.leads else None
+        if lockstep is not None:
+            plan = lockstep.share(plan)
+        assert plan is not None
+        decisions, held, answered, stopped = plan
         executed = 0
         for decision in decisions:
             self._execute(decision, step=step, epoch=epoch)
             executed += 1
-        while not self.runtime.decisions.empty():
-            held = self.runtime.decisions.get()
-            self._execute(held, step=step, epoch=epoch)
-            self.to_release.append(held)
+        for decision in held:
+            self._execute(decision, step=step, epoch=epoch)
+            self.to_release.append(decision)
             executed += 1
-        stopped = answer is None and self.runtime.stop_event.is_set()
         if stopped:
             return executed > 0
         self.open = None
-        return executed > 0 or answer is None
+        return executed > 0 or not answered
+
+    def _plan(
+        self, report: TelemetryReport
+    ) -> tuple[list[ControlDecision], list[ControlDecision], bool, bool]:
+        """(the controller's decisions, the operators' waiting ones, whether the controller
+        answered, whether a stop came while waiting)."""
+        answer = self._answer(report)
+        held: list[ControlDecision] = []
+        while not self.runtime.decisions.empty():
+            held.append(self.runtime.decisions.get())
+        stopped = answer is None and self.runtime.stop_event.is_set()
+        decisions = list(answer.decisions) if answer is not None else []
+        return decisions, held, answer is not None, stopped
 
     def release(self) -> None:
         """Call after a checkpoint: the operators' decisions it holds leave the inbox."""
@@ -140,6 +164,7 @@ class DecisionPoints:
             timeout=EXECUTE_TIMEOUT_S,
         )
         self.unreported.append(outcome)
+        self.executed.append((outcome.decision_id, step, outcome.outcome))
         log.info(
             "decision %s (%s %s): %s — %s",
             outcome.decision_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,6 +12,7 @@ from fastapi import FastAPI
 
 from esper.bus import connect
 from esper.contracts.api import Check
+from esper.exceptions import ConfigError
 from esper.service import create_app as create_service_app
 from tolaria import __version__, usercode_submit
 from tolaria.api.errors import ERRORS
@@ -26,6 +28,9 @@ SERVICE = "tolaria"
 
 def create_app(settings: TolariaSettings | None = None) -> FastAPI:
     settings = settings or TolariaSettings()
+    if settings.executor == "ray" and importlib.util.find_spec("ray") is None:
+        # Refused at start, not job by job: every job would fail the same way.
+        raise ConfigError("TOLARIA_EXECUTOR=ray needs Ray Train: pip install 'esper-tolaria[ray]'")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

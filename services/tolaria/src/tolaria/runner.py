@@ -29,6 +29,7 @@ from esper.contracts import (
 )
 from esper.service.logs import configure_logging
 from tolaria.jobstore import OUTAGES, JobStateError
+from tolaria.rayexec import RayUnreachableError, run_on_ray
 from tolaria.runtime import JobRuntime
 from tolaria.settings import TolariaSettings
 from tolaria.training import JobTrainer, StopRequested
@@ -37,6 +38,8 @@ log = logging.getLogger("tolaria.job")
 ORPHANED = 3
 OUTAGE = 4
 """Redis stayed away longer than the bus's bound: a crash, retried by the worker."""
+RAY_AWAY = 5
+"""The Ray cluster could not be reached: a crash, retried by the worker."""
 WORKER_LOST = "its worker was lost; another worker took the job over"
 
 
@@ -136,13 +139,17 @@ def main(job_id: str) -> int:
     settings = TolariaSettings()
     configure_logging("tolaria-job", f"{job_id}"[:128], settings.log_level, settings.log_json)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    runtime = JobRuntime(settings, job_id).start()
+    # On Ray, rank 0 reads the job's control group: this process must leave it alone.
+    on_ray = settings.executor == "ray"
+    runtime = JobRuntime(settings, job_id, consume_control=not on_ray).start()
     logging.getLogger().addHandler(ShipToJobLog(runtime))
     try:
         view = start_attempt(runtime)
         if view is None:
             return 0
         log.info("job %s attempt %d on %s", job_id, view.attempt, settings.instance)
+        if on_ray:
+            return drive_ray_run(runtime, view)
         try:
             trainer = JobTrainer(runtime, view.spec, settings.data_dir, settings.work_dir)
             if trainer.resume():
@@ -176,6 +183,37 @@ def main(job_id: str) -> int:
         return 0
     finally:
         runtime.close()
+
+
+def drive_ray_run(runtime: JobRuntime, view: JobView) -> int:
+    """The job as a Ray Train run (tolaria.rayexec), ended with what its rank 0 reported."""
+    workers = view.spec.distributed.workers
+    log.info("job %s: a Ray Train run of %d worker(s)", view.job_id, workers)
+    try:
+        outcome = run_on_ray(runtime.settings, view.job_id, view.spec)
+    except RayUnreachableError as err:
+        log.error("%s; leaving the job to a restart", err)
+        return RAY_AWAY
+    except OUTAGES as err:
+        log.error("Redis unreachable for too long (%s); leaving the job to a restart", err)
+        return OUTAGE
+    except Exception as err:
+        log.error("job failed:\n%s", traceback.format_exc())
+        finish(runtime, "FAILED", f"{type(err).__name__}: {err}"[:2000])
+        return 0
+    if outcome.status == "STOPPED":
+        log.info("stop requested: stopped at step %d", outcome.progress.step)
+        finish(runtime, "STOPPED", "stopped on request", seeds=outcome.seeds)
+        return 0
+    finish(
+        runtime,
+        "SUCCEEDED",
+        None,
+        metrics=outcome.metrics,
+        progress=outcome.progress,
+        seeds=outcome.seeds,
+    )
+    return 0
 
 
 if __name__ == "__main__":

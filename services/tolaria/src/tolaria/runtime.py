@@ -100,9 +100,15 @@ class _Retry:
 
 
 class JobRuntime:
-    def __init__(self, settings: TolariaSettings, job_id: str) -> None:
+    """`consume_control`: read the job's control group (decisions, answers). Off for the driver
+    of a distributed job, whose rank 0 reads it: two readers of one group split its messages."""
+
+    def __init__(
+        self, settings: TolariaSettings, job_id: str, *, consume_control: bool = True
+    ) -> None:
         self.settings = settings
         self.job_id = job_id
+        self.consume_control = consume_control
         self.bus: BusSettings = settings.bus
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="job-bus", daemon=True)
@@ -166,7 +172,8 @@ class JobRuntime:
             every(HEARTBEAT_S, self._beat, "job heartbeat", True),
             every(TELEMETRY_FLUSH_S, self._send_journal, "telemetry", True),
         ]
-        self.consumer.start()
+        if self.consume_control:
+            self.consumer.start()
 
     def close(self) -> None:
         try:

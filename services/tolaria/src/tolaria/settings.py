@@ -60,6 +60,16 @@ class TolariaSettings(ServiceSettings, UrzaLinkSettings):
     """Time limit of the check of a job's entrypoints at submission (import, call, shapes);
     past it the check process is killed and the job refused with 422."""
 
+    executor: Literal["local", "ray"] = "local"
+    """Where jobs train: `local`, a process of this replica's workers (jobs of one worker
+    only); `ray`, a Ray Train run on the cluster at `ray_address` (`tolaria[ray]`)."""
+    ray_address: str | None = None
+    """The Ray cluster (`host:port` of its head, or `ray://host:10001` for Ray Client); None:
+    a local Ray started for the job."""
+    ray_auth_token: SecretStr | None = None
+    """The cluster's token (Ray 2.60 clusters authenticate with one): given to Ray as
+    RAY_AUTH_TOKEN, never logged."""
+
     @property
     def user_code_allowed(self) -> bool:
         if self.allow_user_code == "with_token":

@@ -38,6 +38,7 @@ from tolaria.best import BestEpoch, summary
 from tolaria.compute import ComputeMeter
 from tolaria.datasets import DataSplits, load_dataset
 from tolaria.decisionpoints import DecisionPoints
+from tolaria.lockstep import STOP_EVERY, Lockstep, shard
 from tolaria.models import build_model, morphable_layers
 from tolaria.publishing import publish_trained_kernels
 from tolaria.runtime import JobRuntime
@@ -104,8 +105,20 @@ class Progress:
 
 
 class JobTrainer:
-    def __init__(self, runtime: JobRuntime, spec: JobSpec, data_dir: Path, work_dir: Path) -> None:
+    """`lockstep`: this is one rank of a distributed job (tolaria.lockstep): it trains on its
+    shard, averages gradients with the others, and only rank 0 asks, saves and reports."""
+
+    def __init__(
+        self,
+        runtime: JobRuntime,
+        spec: JobSpec,
+        data_dir: Path,
+        work_dir: Path,
+        lockstep: Lockstep | None = None,
+    ) -> None:
         self.runtime = runtime
+        self.lockstep = lockstep
+        self.leads = lockstep is None or lockstep.leads
         self.job_id = runtime.job_id
         self.spec = spec
         self.training = spec.training
@@ -162,7 +175,7 @@ class JobTrainer:
                 loss_on_sample=self.loss_on_sample,
             )
             self.orchestrator.attach()
-            self.points = DecisionPoints(runtime, self.orchestrator, self.morph)
+            self.points = DecisionPoints(runtime, self.orchestrator, self.morph, lockstep)
             self.reporter = TelemetryReporter(
                 self.morphable,
                 self.job_id,
@@ -173,7 +186,7 @@ class JobTrainer:
         self.metrics = JobMetrics()
         self.best = BestEpoch(
             checkpoint.best_path_for(work_dir, self.job_id),
-            keep=self.training.keep_best,
+            keep=self.training.keep_best and self.leads,
             header=self._header,
         )
         self.compute = ComputeMeter(self.model, self.morphable, self.data.train_x[:1])
@@ -254,6 +267,8 @@ class JobTrainer:
         }
 
     def save(self) -> None:
+        if not self.leads:  # one checkpoint for every rank, written once
+            return
         checkpoint.save(
             self.checkpoint_path,
             {
@@ -287,7 +302,7 @@ class JobTrainer:
             self.end_epoch(epoch, train_loss, samples_per_s)
         self.refuse_waiting_decisions("job_finished", "the job has finished training")
         self.measure_test()
-        if self.morph.publish_kernels:
+        if self.morph.publish_kernels and self.leads:
             publish_trained_kernels(self)
 
     def train_epoch(self, epoch: int) -> tuple[float | None, float]:
@@ -299,7 +314,9 @@ class JobTrainer:
         # Steps call the wrapped model's inner module: MorphableModel.forward only delegates to
         # it, and one module call less per step is ~1% of a tiny model's step.
         model = self.morphable.model if self.morphable is not None else self.model
-        optimizer, loss_fn, wakeups = self.optimizer, self.loss_fn, self.runtime.wakeups
+        optimizer, loss_fn, lockstep = self.optimizer, self.loss_fn, self.lockstep
+        # The ranks stop together (an agreement every STOP_EVERY steps), not at rank 0's wakeup.
+        wakeups: list[str] = self.runtime.wakeups if lockstep is None else []
         morphable, reporter, orchestrator = self.morphable, self.reporter, self.orchestrator
         every = (reporter.every_steps if reporter is not None else None) or 0
         decide_every = (self.points.every_steps if self.points is not None else None) or 0
@@ -311,6 +328,8 @@ class JobTrainer:
         self._epoch_first_step, self._charged = progress.step, 0
         generator = torch.Generator().manual_seed(spec.seed * 100_003 + epoch)
         order = torch.randperm(len(data.train_y), generator=generator).to(self.device)
+        if lockstep is not None:
+            order = shard(order, lockstep.rank, lockstep.world)
         model.train()
         start = time.perf_counter()
         for begin in range(0, len(order), spec.batch_size):
@@ -329,6 +348,10 @@ class JobTrainer:
             loss = loss_fn(model(data.train_x[index]), data.train_y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if lockstep is not None:
+                lockstep.average_gradients(model)
+                if step % STOP_EVERY == 0 and lockstep.any(self.runtime.stop_event.is_set()):
+                    raise StopRequested
             if seeded:
                 morphable.clip_seed_gradients()  # type: ignore[union-attr]
             optimizer.step()
@@ -356,13 +379,19 @@ class JobTrainer:
         if losses:
             total = float(torch.stack(losses).sum())  # one sync an epoch
         mean = total / steps if steps else math.nan
-        return (mean if math.isfinite(mean) else None), len(order) / max(elapsed, 1e-9)
+        rate = len(order) / max(elapsed, 1e-9)
+        if lockstep is not None:  # the job's: the mean of the ranks' losses, their summed rate
+            mean, rate = lockstep.mean(mean), lockstep.total(rate)
+        return (mean if math.isfinite(mean) else None), rate
 
     def attend(self, epoch: int) -> bool:
         """A wakeup: stop if asked. Returns whether any seed is out of DORMANT (the step loop
         then advances the seeds)."""
         self.runtime.wakeups.clear()  # before looking: a later wakeup is seen next step
-        if self.runtime.stop_event.is_set():
+        stop = self.runtime.stop_event.is_set()
+        if self.lockstep is not None:  # every rank stops here, or none does
+            stop = self.lockstep.any(stop)
+        if stop:
             raise StopRequested
         return self.morphable is not None and not self.morphable.all_dormant
 

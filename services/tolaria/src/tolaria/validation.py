@@ -20,11 +20,24 @@ import torch
 from esper.contracts import JobSpec
 from esper.contracts.jobs import PythonModel
 from tolaria.datasets import dataset_geometry
+from tolaria.errors import SpecError
 from tolaria.memory import check_job_memory, estimate_job_memory
 from tolaria.models import build_model, morphable_layers
 from tolaria.schedule import check_schedule
+from tolaria.settings import TolariaSettings
 
 DEFAULT_MAX_JOB_MEMORY_BYTES = 8 << 30
+
+
+def check_executor(spec: JobSpec, settings: TolariaSettings) -> None:
+    """A job of several workers needs the `ray` executor."""
+    workers = spec.distributed.workers
+    if workers > 1 and settings.executor != "ray":
+        raise SpecError(
+            ["spec", "distributed", "workers"],
+            f"{workers} workers need Tolaria's `ray` executor (TOLARIA_EXECUTOR=ray, with "
+            "TOLARIA_RAY_ADDRESS); this Tolaria trains each job in one local process",
+        )
 
 
 def check_spec(

@@ -32,7 +32,7 @@ from esper.contracts import (
     JobView,
 )
 from tolaria.jobstore import JobStore, retrying
-from tolaria.runner import ORPHANED, OUTAGE
+from tolaria.runner import ORPHANED, OUTAGE, RAY_AWAY
 from tolaria.settings import TolariaSettings
 
 log = logging.getLogger("tolaria.worker")
@@ -50,6 +50,8 @@ def exit_reason(code: int) -> str:
             name = f"signal {-code}"
         why = " (out of memory, or killed by an operator?)" if -code == signal.SIGKILL else ""
         return f"the job process was killed by {name}{why}"
+    if code == RAY_AWAY:
+        return "the job process could not reach the Ray cluster"
     if code == OUTAGE:
         return "the job process gave up waiting for Redis"
     return f"the job process exited with code {code}"

@@ -412,6 +412,17 @@ class MorphogenesisSpec(_Spec):
     )
 
 
+class DistributedSpec(_Spec):
+    """Data-parallel training over `workers` processes (Tolaria's `ray` executor: a Ray Train
+    run). Each worker trains on its shard of every epoch with `training.batch_size` samples a
+    step (the global batch is `workers` times that); gradients are averaged every step, and
+    every decision is applied on every worker at the same step."""
+
+    workers: Annotated[StrictInt, Field(ge=1, le=256)] = 1
+    cpus_per_worker: Annotated[StrictFloat | StrictInt, Field(gt=0, le=256)] = 1
+    gpus_per_worker: Annotated[StrictFloat | StrictInt, Field(ge=0, le=16)] = 0
+
+
 class JobSpec(_Spec):
     name: str | None = Field(default=None, max_length=128)
     submission_id: Identifier | None = Field(
@@ -421,6 +432,7 @@ class JobSpec(_Spec):
     dataset: DatasetSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     morphogenesis: MorphogenesisSpec = Field(default_factory=MorphogenesisSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     code: CodeSource | None = Field(
         default=None, description="the code a `python` model or dataset is imported from"
     )

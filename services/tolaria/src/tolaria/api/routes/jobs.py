@@ -39,7 +39,7 @@ from tolaria.jobstore import JobStore, UnknownJobError
 from tolaria.runtime import control_group
 from tolaria.settings import TolariaSettings
 from tolaria.usercode import job_code_dir
-from tolaria.validation import check_spec
+from tolaria.validation import check_executor, check_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
@@ -155,6 +155,7 @@ async def submit_job(
     if spec.external:
         return await _register_external(request, store, settings, spec)
     try:
+        check_executor(spec, settings)
         if spec.code is not None:  # the user's code is checked in a child process, never here
             await usercode_submit.check_code(spec, upload, settings)
         else:
