@@ -4,9 +4,11 @@ own code, with a real redis-server for the job's bus).
 
 The figure is samples/s(2 workers) / samples/s(1 worker), each the job's own `samples_per_s`
 of its last epoch (for 2 workers the ranks' summed rate), the median over ROUNDS of runs that
-alternate. On a 2-core machine 2 workers share the cores one worker could already
-use (torch's intra-op threads), and every step adds an all-reduce of the gradients: expect a
-ratio near or below 1. Prints one line of figures at the end.
+alternate. Each Ray worker gets `cpus_per_worker` (1) CPU and Ray runs its torch on that many
+threads, so on a 2-core machine 1 worker uses one core and 2 workers both; every step adds an
+all-reduce of the gradients over loopback, and both ranks evaluate the whole validation split.
+Measured here (2 cores): 1.28 (9,385 → 12,058 samples/s). Prints one line of figures at the
+end.
 """
 
 from __future__ import annotations

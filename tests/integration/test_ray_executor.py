@@ -195,3 +195,18 @@ def test_the_local_executor_refuses_several_workers(full_stack: LocalStack) -> N
     error = refused.json()["error"]
     assert error["location"] == ["body", "distributed", "workers"]
     assert "TOLARIA_EXECUTOR=ray" in error["message"]
+
+
+def test_a_stop_through_the_api_stops_every_rank(ray_stack: LocalStack) -> None:
+    tolaria = httpx.Client(base_url=ray_stack.url("tolaria"), timeout=30)
+    job_id = submit(tolaria, circles_job(2, epochs=500))
+    deadline = time.monotonic() + 300
+    while tolaria.get(f"/jobs/{job_id}").json()["progress"]["epoch"] < 1:
+        assert time.monotonic() < deadline, tolaria.get(f"/jobs/{job_id}/logs").text[-3000:]
+        time.sleep(0.5)
+    tolaria.post(f"/jobs/{job_id}/stop").raise_for_status()
+    view = wait_for(tolaria, job_id, timeout_s=120)
+    logs = tolaria.get(f"/jobs/{job_id}/logs").text
+    assert view["status"] == "STOPPED" and view["error"] == "stopped on request", logs[-3000:]
+    assert "2 ranks, the same parameters" in logs  # both ranks stopped at the same step
+    assert view["progress"]["epoch"] < 500
