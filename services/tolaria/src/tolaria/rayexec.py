@@ -30,7 +30,10 @@ from tolaria.settings import TolariaSettings
 log = logging.getLogger("tolaria.job")
 OUTCOME = "outcome.json"
 PASSED_ENV = ("TOLARIA_", "ESPER_", "URZA_", "OMP_NUM_THREADS")
-"""What the ranks see of the driver's environment: they build the same settings from it."""
+"""What the ranks see of the driver's environment: they build the same settings from it (the
+bus, the data and work dirs, Urza's address, token and signing key for their kernel fetches)."""
+KEPT_BACK = ("TOLARIA_API_TOKEN", "TOLARIA_RAY_AUTH_TOKEN", "ESPER_API_TOKEN")
+"""Secrets the ranks have no use for: a job's runtime env is readable on its cluster."""
 
 
 class RayUnavailableError(RuntimeError):
@@ -69,7 +72,7 @@ def run_on_ray(settings: TolariaSettings, job_id: str, spec: JobSpec) -> RayOutc
         raise RayUnavailableError(
             "TOLARIA_EXECUTOR=ray needs Ray Train: pip install 'esper-tolaria[ray]'"
         ) from err
-    env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
+    env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV) and k not in KEPT_BACK}
     # The job's runtime env reaches every worker the run starts.
     try:
         ray.init(

@@ -168,9 +168,7 @@ def main(job_id: str) -> int:
             log.error("Redis unreachable for too long (%s); leaving the job to a restart", err)
             return OUTAGE
         except Exception as err:
-            log.error("job failed:\n%s", traceback.format_exc())
-            finish(runtime, "FAILED", f"{type(err).__name__}: {err}"[:2000])
-            return 0
+            return failed(runtime, err)
         finish(
             runtime,
             "SUCCEEDED",
@@ -183,6 +181,13 @@ def main(job_id: str) -> int:
         return 0
     finally:
         runtime.close()
+
+
+def failed(runtime: JobRuntime, err: Exception) -> int:
+    """An error of the job's own (not a crash): FAILED at once, the traceback in its log."""
+    log.error("job failed:\n%s", traceback.format_exc())
+    finish(runtime, "FAILED", f"{type(err).__name__}: {err}"[:2000])
+    return 0
 
 
 def drive_ray_run(runtime: JobRuntime, view: JobView) -> int:
@@ -198,9 +203,7 @@ def drive_ray_run(runtime: JobRuntime, view: JobView) -> int:
         log.error("Redis unreachable for too long (%s); leaving the job to a restart", err)
         return OUTAGE
     except Exception as err:
-        log.error("job failed:\n%s", traceback.format_exc())
-        finish(runtime, "FAILED", f"{type(err).__name__}: {err}"[:2000])
-        return 0
+        return failed(runtime, err)
     if outcome.status == "STOPPED":
         log.info("stop requested: stopped at step %d", outcome.progress.step)
         finish(runtime, "STOPPED", "stopped on request", seeds=outcome.seeds)
