@@ -53,7 +53,8 @@ def own_model_commands() -> list[str]:
     return [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.strip()]
 
 
-def run_script(stack: LocalStack | None, command: str) -> dict[str, Any]:
+def run_command(stack: LocalStack | None, command: str) -> subprocess.CompletedProcess[str]:
+    """A README command, as written, from the repository root, in the user's shell."""
     done = subprocess.run(
         command,
         shell=True,
@@ -61,10 +62,15 @@ def run_script(stack: LocalStack | None, command: str) -> dict[str, Any]:
         env=client_env(stack),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def run_script(stack: LocalStack | None, command: str) -> dict[str, Any]:
+    done = run_command(stack, command)
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("RESULT "), done.stdout[-2000:]
     result: dict[str, Any] = json.loads(last.removeprefix("RESULT "))
@@ -154,17 +160,7 @@ def test_the_lightning_callback_grows_a_trainers_module_with_the_stack_as_with_t
 
 
 def test_your_code_as_a_tolaria_job_trains_and_grows(full_stack: LocalStack) -> None:
-    done = subprocess.run(
-        own_model_commands()[4],
-        shell=True,
-        cwd=ROOT,
-        env=client_env(full_stack),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_command(full_stack, own_model_commands()[4])
     job_id = re.search(r"submitted: (job-[0-9a-f]+)", done.stdout)
     assert job_id is not None, done.stdout[-2000:]
     tolaria = httpx.Client(base_url=full_stack.url("tolaria"), timeout=30)

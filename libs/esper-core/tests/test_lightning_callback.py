@@ -23,23 +23,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from esper.exceptions import ConfigError
 from esper.integrations.lightning import EsperCallback
 from esper.kasmina import KasminaLayer
-from esper.policy import PolicyConfig
 from esper.sessions import SEED_MAX_GRAD_NORM
-from esper.testing.signals import LENGTH, conv1d_classifier, sinusoids
+from esper.testing.signals import LENGTH, SHORT_WINDOWS, conv1d_classifier, sinusoids
 
 EPOCHS = 12
 BATCH = 32
 TRAIN, VAL = 384, 192
-POLICY = PolicyConfig(
-    warmup_epochs=2,
-    patience=2,
-    min_delta=0.01,
-    evaluation_epochs=2,
-    ramp_steps=10,
-    retire_ramp_steps=10,
-    cooldown_epochs=1,
-    keep_threshold=0.02,
-)
+POLICY = SHORT_WINDOWS
 pytestmark = [
     # Lightning's own, under this torch: nothing the tests or the callback do.
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),

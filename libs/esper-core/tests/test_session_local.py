@@ -16,23 +16,13 @@ import esper
 from esper.client import ServiceUrls
 from esper.exceptions import ConfigError, ServiceUnreachableError
 from esper.kasmina import KasminaLayer
-from esper.policy import PolicyConfig, derive_decision_id
+from esper.policy import derive_decision_id
 from esper.sessions import Run
-from esper.testing.signals import LENGTH, conv1d_classifier, sinusoids
+from esper.testing.signals import LENGTH, SHORT_WINDOWS, conv1d_classifier, sinusoids
 
 EPOCHS = 12
 BATCH = 32
-# The short-job values of esper.stack.SHORT_JOB_POLICY, with the windows shortened further.
-POLICY = PolicyConfig(
-    warmup_epochs=2,
-    patience=2,
-    min_delta=0.01,
-    evaluation_epochs=2,
-    ramp_steps=10,
-    retire_ramp_steps=10,
-    cooldown_epochs=1,
-    keep_threshold=0.02,
-)
+POLICY = SHORT_WINDOWS
 
 
 signals = sinusoids

@@ -190,14 +190,17 @@ class RunRelay:
                 group, CONSUMER, {stream: ">"}, count=100, block=block
             )
             answer = None
+            read = []
             for _, entries in batches or []:
                 for entry_id, fields in entries:
+                    read.append(entry_id)
                     found = _control_message(fields, job_id)
                     if isinstance(found, ControlAnswer) and found.point == point:
                         answer = found
                     elif isinstance(found, ControlDecision):
                         operators.append(found)
-                    await self.store.redis.xack(stream, group, entry_id)
+            if read:  # one round trip for the batch (every job's group sees every entry)
+                await self.store.redis.xack(stream, group, *read)
             if answer is not None or time.monotonic() >= deadline:
                 return answer, operators
             if await self.store.stop_requested(job_id):

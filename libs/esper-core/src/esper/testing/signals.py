@@ -10,9 +10,23 @@ import math
 import torch
 from torch import nn
 
+from esper.policy import PolicyConfig
+
 LENGTH = 64
 NOISE = 2.0
 """Noisy enough that the tiny model plateaus early."""
+SHORT_WINDOWS = PolicyConfig(
+    warmup_epochs=2,
+    patience=2,
+    min_delta=0.01,
+    evaluation_epochs=2,
+    ramp_steps=10,
+    retire_ramp_steps=10,
+    cooldown_epochs=1,
+    keep_threshold=0.02,
+)
+"""The short-job values of esper.stack.SHORT_JOB_POLICY with the windows shortened further:
+a dozen epochs of this task leave room for a germination and its verdict."""
 
 
 def sinusoids(
